@@ -1,0 +1,1 @@
+"""The streaming generation engine: conditioning, scheduler, KV caches and the block loop."""

@@ -1,0 +1,1 @@
+"""User interfaces: command line, web UI and server."""

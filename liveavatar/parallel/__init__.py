@@ -1,0 +1,1 @@
+"""Multi-device execution of the engine (timestep-forcing pipeline parallelism)."""

@@ -1,0 +1,1 @@
+"""Checkpoint layout, sharded loading, LoRA merging and hub downloads."""

@@ -1,0 +1,73 @@
+"""Reading checkpoint files with one-line errors that name the file and what was expected."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from liveavatar.errors import CheckpointError
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """Returns `path` as a Path, or raises CheckpointError saying which file is missing and what it holds."""
+    path = Path(path)
+    if not path.is_file():
+        where = "folder" if path.is_dir() else "file"
+        if path.is_dir():
+            raise CheckpointError(f"{path}: expected the {what} file, found a {where}")
+        raise CheckpointError(f"{path}: missing; expected the {what}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file; expected the {what}")
+    return path
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: missing folder; expected the {what}")
+    return path
+
+
+def load_torch_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """Loads a `torch.save`d state_dict memory-mapped (no second copy in host memory)."""
+    path = require_file(path, what)
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read the {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state_dict of tensors for the {what}")
+    return dict(state)
+
+
+def check_state_dict(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor | torch.Size | tuple],
+    source: str | Path,
+    what: str,
+) -> None:
+    """Raises CheckpointError if keys are missing/unexpected or a tensor has the wrong shape.
+
+    `expected` maps each parameter name to a tensor (or shape) of the module that will receive it.
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"{source}: {what} is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: {what} has {len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])}"
+        )
+    for name, ref in expected.items():
+        shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) else tuple(ref)
+        got = tuple(state[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(got)}, expected {list(shape)} ({what})")
+        if not state[name].is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name} has dtype {state[name].dtype}, expected a float dtype ({what})")

@@ -1,0 +1,150 @@
+"""Building blocks of the Wan transformer: norms, attention projections, the modulated block and the head.
+
+The residual stream and all modulation arithmetic are float32; linear layers run in the weights' dtype
+(bf16 on GPU), which is where the reference spends its reduced precision too.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Runs a linear layer in float32 whatever its storage dtype (the reference's fp32 autocast regions)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked softmax(q k^T / sqrt(d)) v on [B, L, heads, d] tensors."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SelfAttention(nn.Module):
+    """q/k/v/o projections with RMSNorm on q and k over the full width; the attention itself is supplied
+    by the caller, because it differs between the sink prefill, the streaming step and the plain forward."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        b, length, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, length, self.num_heads, -1)
+        k = self.norm_k(self.k(x)).view(b, length, self.num_heads, -1)
+        v = self.v(x).view(b, length, self.num_heads, -1)
+        return self.o(attend(q, k, v).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from x to a context (text or audio tokens), q/k RMSNorm, no position embedding, no mask."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a context; the text's are computed once per prompt and reused every call."""
+        b, length, _ = context.shape
+        context = context.to(self.k.weight.dtype)
+        k = self.norm_k(self.k(context)).view(b, length, self.num_heads, -1)
+        v = self.v(context).view(b, length, self.num_heads, -1)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        b, length, _ = x.shape
+        k, v = kv if kv is not None else self.context_kv(context)
+        q = self.norm_q(self.q(x.to(self.q.weight.dtype))).view(b, length, self.num_heads, -1)
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, text cross-attention and FFN, with adaptive (timestep) modulation of the first and last."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        time_mod: torch.Tensor,
+        attend: Attend,
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        skip_post_attention: bool = False,
+    ) -> torch.Tensor:
+        """x [B, L, D] float32; time_mod [B, L or 1, 6, D] float32 projected time embedding.
+
+        `skip_post_attention` stops after the self-attention residual, for the sink prefill's last layer
+        whose remaining output nobody reads.
+        """
+        dtype = self.modulation.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + time_mod).unbind(2)
+        dim = x.shape[-1]
+
+        h = F.layer_norm(x, (dim,), eps=self.eps) * (1 + scale1) + shift1
+        x = x + self.self_attn(h.to(dtype), attend).float() * gate1
+        if skip_post_attention:
+            return x
+
+        h = F.layer_norm(x, (dim,), self.norm3.weight.float(), self.norm3.bias.float(), self.norm3.eps)
+        x = x + self.cross_attn(h.to(dtype), kv=text_kv).float()
+
+        h = F.layer_norm(x, (dim,), eps=self.eps) * (1 + scale2) + shift2
+        return x + self.ffn(h.to(dtype)).float() * gate2
+
+
+class Head(nn.Module):
+    """Final modulated LayerNorm and projection to patch pixels (latent channels x patch volume)."""
+
+    def __init__(self, dim: int, out_features: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, dim))
+
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        """x [B, L, D]; time_emb [B, L or 1, D] (the unprojected time embedding)."""
+        shift, scale = (self.modulation.float()[:, None] + time_emb[:, :, None]).unbind(2)
+        h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + scale) + shift
+        return linear_fp32(self.head, h)

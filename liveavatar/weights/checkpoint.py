@@ -42,9 +42,8 @@ class CheckpointLayout:
         """`ckpt_dir` holds `Wan2.2-S2V-14B/` and `LiveAvatar/`; it may also be the Wan folder itself."""
         root = require_dir(ckpt_dir, "checkpoint folder (holding Wan2.2-S2V-14B/ and LiveAvatar/)")
         wan = root / "Wan2.2-S2V-14B"
-        if not wan.is_dir() and (root / "config.json").is_file():
+        if not wan.is_dir():  # given the Wan folder itself
             wan, root = root, root.parent
-        require_dir(wan, "Wan2.2-S2V-14B weights folder")
         lora = Path(lora_file) if lora_file else root / "LiveAvatar" / LORA_FILENAME
         return cls(wan_dir=wan, lora_file=lora)
 

@@ -1,0 +1,245 @@
+"""A generation job: inputs -> streamed MP4 (+ latents, run log, JSON summary), resumable after a kill.
+
+The command line, the web UI and the server all run jobs through `run_job`, which yields progress after
+every block. Files written next to the output `out.mp4`:
+
+    out.mp4.partial        the fragmented MP4 while generating (playable; moved to out.mp4 at the end)
+    out.mp4.resume/        resume states (stream caches + counters) after each completed clip
+    out.log                the run log (parameters, per-block stage timings, device, peak memory)
+    out.json               machine-readable summary
+    out.gpu_memory.csv     GPU memory samples, one per block (CUDA only)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from liveavatar.engine.pipeline import LiveAvatarPipeline
+from liveavatar.engine.stream import DROPPED_FIRST_FRAMES, Block, StreamSettings
+from liveavatar.errors import InputError
+from liveavatar.media import audio as audio_io
+from liveavatar.media.video import PARTIAL_SUFFIX, FragmentedMP4Writer
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+STATE_DIR_SUFFIX = ".resume"
+STATES_KEPT = 2  # the newest state may be ahead of what reached the MP4; the one before never is
+
+
+@dataclass
+class JobSpec:
+    image: Path
+    audio: Path
+    prompt: str
+    output: Path
+    size: str = "704*384"
+    num_clip: int | None = None  # None: as many clips as the audio covers
+    infer_frames: int = 48
+    sample_steps: int = 4
+    seed: int = 42
+    save_latents: Path | None = None
+    resume: bool = False
+    trim_silence: bool = False
+    normalize_loudness: bool = False
+    fps: int = 25
+
+    def fingerprint(self) -> str:
+        """Identifies the inputs and settings whose output a resume state belongs to."""
+        h = hashlib.sha256()
+        for path in (self.image, self.audio):
+            h.update(Path(path).read_bytes())
+        for value in (self.prompt, self.size, self.num_clip, self.infer_frames, self.sample_steps, self.seed,
+                      self.trim_silence, self.normalize_loudness):
+            h.update(repr(value).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Progress:
+    block: Block
+    blocks_done: int
+    blocks_total: int
+    frames_done: int
+    frames_total: int
+    elapsed_s: float
+
+
+@dataclass
+class JobResult:
+    output: Path
+    frames: int
+    clips: int
+    height: int
+    width: int
+    seconds: float
+    first_frame_s: float
+    fps: float
+    resumed_from_block: int = 0
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    peak_gpu_memory_gb: float | None = None
+
+
+def load_speech(spec: JobSpec) -> np.ndarray:
+    wave = audio_io.load_audio(spec.audio, SAMPLE_RATE)
+    if spec.trim_silence:
+        wave = audio_io.trim_silence(wave, SAMPLE_RATE)
+    if spec.normalize_loudness:
+        wave = audio_io.normalize_loudness(wave, SAMPLE_RATE)
+    if len(wave) == 0:
+        raise InputError(f"{spec.audio}: no audio left after trimming silence")
+    return wave
+
+
+def preflight(spec: JobSpec) -> None:
+    """Checks what can be checked before any model work: inputs exist, output folder is writable, disk space."""
+    for path, what in ((spec.image, "reference image"), (spec.audio, "audio")):
+        if not Path(path).is_file():
+            raise InputError(f"{path}: {what} not found")
+    out_dir = Path(spec.output).resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise InputError(f"{out_dir}: output folder is not writable")
+    if shutil.disk_usage(out_dir).free < 100 * 2**20:
+        raise InputError(f"{out_dir}: less than 100 MB of free disk space")
+    if spec.output.suffix.lower() != ".mp4":
+        raise InputError(f"{spec.output}: the output must be an .mp4 file")
+    partial = Path(str(spec.output) + PARTIAL_SUFFIX)
+    if partial.exists() and not spec.resume:
+        raise InputError(f"{partial} exists from an interrupted run: pass --resume to continue it, or delete it")
+
+
+class ResumeStore:
+    """Resume states in <output>.resume/, written atomically; the newest two are kept."""
+
+    def __init__(self, output: Path, fingerprint: str):
+        self.dir = Path(str(output) + STATE_DIR_SUFFIX)
+        self.fingerprint = fingerprint
+
+    def save(self, state: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"state-{state['stream']['next_block']:09d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, path)
+        for old in sorted(self.dir.glob("state-*.pt"))[:-STATES_KEPT]:
+            old.unlink()
+
+    def latest_usable(self, complete_frames: set[int]) -> dict | None:
+        """The newest state whose frames all reached the partial MP4."""
+        for path in sorted(self.dir.glob("state-*.pt"), reverse=True):
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if state.get("fingerprint") != self.fingerprint:
+                raise InputError(f"{path}: belongs to a run with other inputs or settings; delete {self.dir} to start over")
+            if state["stream"]["frames_emitted"] in complete_frames:
+                return state
+        return None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_job(pipe: LiveAvatarPipeline, spec: JobSpec) -> Iterator[Progress | JobResult]:
+    """Runs a job, yielding a Progress after every block and the JobResult last."""
+    preflight(spec)
+    t_start = time.perf_counter()
+    wave = load_speech(spec)
+    settings = StreamSettings(frames_per_clip=spec.infer_frames, sample_steps=spec.sample_steps, seed=spec.seed, fps=spec.fps)
+    cond = pipe.prepare(spec.image, wave, spec.prompt, spec.size, fps=spec.fps, frames_per_clip=spec.infer_frames)
+    num_clips = cond.num_clips if spec.num_clip is None else min(spec.num_clip, cond.num_clips)
+    if num_clips < 1:
+        raise InputError(f"--num_clip must be at least 1, got {spec.num_clip}")
+    log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d)", cond.width, cond.height, num_clips,
+             spec.infer_frames, cond.num_clips)
+    stream = pipe.stream(cond, settings)
+    blocks_total = num_clips * settings.blocks_per_clip
+    frames_total = blocks_total * settings.video_frames_per_block - DROPPED_FIRST_FRAMES
+
+    # Output frame j shows input time (j + 3) / fps: the muxed speech starts 3 frames in.
+    speech = wave[DROPPED_FIRST_FRAMES * SAMPLE_RATE // spec.fps :]
+    store = ResumeStore(spec.output, spec.fingerprint())
+    latents: list[torch.Tensor] = []
+    partial = Path(str(spec.output) + PARTIAL_SUFFIX)
+    resumed_from = 0
+    state = None
+    if spec.resume and (partial.exists() or Path(str(partial) + ".resume-source").exists()):
+        points = set(FragmentedMP4Writer.resume_points(partial if partial.exists() else Path(str(partial) + ".resume-source")))
+        state = store.latest_usable(points) if store.dir.exists() else None
+    if state is not None:
+        stream.load_state_dict(state["stream"])
+        latents = [state["latents"]] if state.get("latents") is not None else []
+        resumed_from = stream.next_block
+        writer = FragmentedMP4Writer.resume(partial, state["stream"]["frames_emitted"], cond.width, cond.height,
+                                            spec.fps, speech, SAMPLE_RATE)
+        log.info("resuming at block %d (frame %d)", resumed_from, stream.frames_emitted)
+    else:
+        if spec.resume:
+            log.info("no usable resume state for %s; starting from the beginning", spec.output)
+        partial.unlink(missing_ok=True)
+        store.clear()
+        writer = FragmentedMP4Writer(spec.output, cond.width, cond.height, spec.fps, speech, SAMPLE_RATE)
+
+    stage_ms: dict[str, float] = {}
+    first_frame_s = None
+    t_loop = time.perf_counter()
+    try:
+        for block in stream.blocks(num_clips):
+            t0 = time.perf_counter()
+            writer.write(block.frames.numpy())
+            block.timings_ms["mux"] = (time.perf_counter() - t0) * 1000
+            for k, v in block.timings_ms.items():
+                stage_ms[k] = stage_ms.get(k, 0.0) + v
+            if first_frame_s is None:
+                first_frame_s = time.perf_counter() - t_loop
+            if spec.save_latents is not None:
+                latents.append(block.latents)
+            if (block.index + 1) % settings.blocks_per_clip == 0 and block.index + 1 < blocks_total:
+                kept = torch.cat(latents, dim=1) if latents else None
+                latents = [kept] if kept is not None else []
+                store.save({"stream": stream.state_dict(), "latents": kept})
+            log.debug("block %d: %s", block.index, {k: round(v, 1) for k, v in block.timings_ms.items()})
+            yield Progress(block, block.index + 1, blocks_total, stream.frames_emitted, frames_total,
+                           time.perf_counter() - t_start)
+    except BaseException:
+        writer.abort()
+        raise
+    if spec.save_latents is not None:
+        spec.save_latents.parent.mkdir(parents=True, exist_ok=True)
+        tmp = spec.save_latents.with_name(spec.save_latents.name + ".tmp")
+        save_file({"latents": torch.cat(latents, dim=1).contiguous()}, str(tmp))
+        os.replace(tmp, spec.save_latents)
+    output = writer.close()
+    store.clear()
+    seconds = time.perf_counter() - t_start
+    generated = stream.frames_emitted
+    loop_s = time.perf_counter() - t_loop
+    blocks_run = blocks_total - resumed_from
+    result = JobResult(
+        output=output, frames=generated, clips=num_clips, height=cond.height, width=cond.width, seconds=seconds,
+        first_frame_s=first_frame_s or 0.0, fps=(generated if not resumed_from else blocks_run * settings.video_frames_per_block) / loop_s,
+        resumed_from_block=resumed_from, stage_ms={k: v / max(1, blocks_run) for k, v in stage_ms.items()},
+        peak_gpu_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if pipe.device.type == "cuda" else None,
+    )
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
+    summary["spec"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
+    summary["device"] = str(pipe.device)
+    _write_json(spec.output.with_suffix(".json"), summary)
+    yield result
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,244 @@
+"""`liveavatar` command line: generate, download.
+
+Flags of the original `s2v_streaming_interact.py` scripts are accepted under their names (and with
+hyphens). Flags whose effect is built in are accepted with a one-line notice; flags the original parses
+but ignores are refused with an explanation, so a carried-over script never silently does less than it says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from liveavatar.errors import LiveAvatarError
+
+log = logging.getLogger("liveavatar")
+
+EXAMPLE = "liveavatar generate --image examples/face.png --audio examples/speech.wav --prompt 'A person talking' --save_file out.mp4"
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _add(parser, name: str, **kwargs):
+    """Adds --snake_name and its --hyphen-name alias."""
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    parser.add_argument(*names, dest=name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="liveavatar",
+        description="Real-time, unlimited-length talking-avatar video from one image, a speech track and a prompt "
+        "(Wan2.2-S2V-14B + Live Avatar LoRA, 4-step block-causal streaming).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate a video (the main job)",
+        description="Generate a lip-synced talking-avatar MP4. The video is written while it is generated "
+        "(fragmented MP4: the partial file plays) and moved into place at the end.",
+        epilog=f"example:\n  {EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = gen.add_argument_group("inputs")
+    _add(g, "image", required=True, type=Path, help="reference image (PNG, JPEG, WebP, ...)")
+    _add(g, "audio", required=True, type=Path, help="speech: wav, mp3, flac, m4a, ogg, or a video's audio track; any rate and channels")
+    _add(g, "prompt", default="A person is talking.", help="text prompt describing the scene (default: %(default)r)")
+    _add(g, "trim_silence", action="store_true", help="cut leading and trailing silence from the audio")
+    _add(g, "normalize_loudness", action="store_true", help="normalise the speech to -23 LUFS (EBU R128)")
+
+    o = gen.add_argument_group("output")
+    _add(o, "save_file", type=Path, help="output MP4 (default: <save_dir>/<image name>_<audio name>.mp4)")
+    _add(o, "save_dir", type=Path, default=Path("outputs"), help="folder for the default output name (default: %(default)s)")
+    _add(o, "save_latents", type=Path, help="also write every latent frame to this safetensors file (key 'latents', float32 [16, T, h, w]; held in RAM)")
+    _add(o, "resume", action="store_true", help="continue an interrupted run of the same command from its last completed clip")
+
+    s = gen.add_argument_group("generation")
+    _add(s, "size", default="704*384", help="pixel budget W*H; the aspect ratio comes from the image. Presets: 720*400, 704*384, 688*368, 384*256 (default: %(default)s)")
+    _add(s, "num_clip", type=int, default=None, help="clips of --infer_frames frames to generate (default: enough to cover the audio)")
+    _add(s, "infer_frames", type=int, default=48, help="video frames per clip, a multiple of 12 (default: %(default)s)")
+    _add(s, "sample_steps", type=int, default=4, help="denoising steps per block; the LoRA is distilled for 4 (default: %(default)s)")
+    _add(s, "base_seed", type=int, default=42, help="seed: the same seed gives the same video on any device (default: %(default)s)")
+
+    m = gen.add_argument_group("model and device")
+    _add(m, "ckpt_dir", type=Path, help="folder with Wan2.2-S2V-14B/ and LiveAvatar/ (default: the Hugging Face cache, downloaded on first use)")
+    _add(m, "lora_path_dmd", help="Live Avatar LoRA: a .safetensors file or a hub repo id (default: <ckpt_dir>/LiveAvatar/liveavatar.safetensors)")
+    _add(m, "device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    _add(m, "dtype", default=None, choices=["bfloat16", "float16", "float32"], help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    _add(m, "offload_model", type=_bool, nargs="?", const=True, default=False, help="keep the text and audio encoders off the GPU except while used (True/False)")
+    _add(m, "fp8", action="store_true", help="FP8 linear layers (Hopper/Ada GPUs)")
+    _add(m, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    compat = gen.add_argument_group("accepted for compatibility with the original scripts")
+    for flag, kwargs in COMPAT_NOTICE.items():
+        _add(compat, flag, default=None, nargs="?", const="True", help=kwargs)
+    for flag, why in COMPAT_REFUSED.items():
+        _add(compat, flag, default=None, help=f"refused unless default: {why}")
+
+    dl = sub.add_parser("download", help="download the weights (Wan2.2-S2V-14B and Live Avatar LoRA)",
+                        description="Fetch both Hugging Face repos into a folder (resumable, with progress).")
+    _add(dl, "ckpt_dir", type=Path, default=Path("ckpt"), help="destination folder (default: %(default)s)")
+    return parser
+
+
+# Flags whose effect is always on (or that only select what is already the one behaviour).
+COMPAT_NOTICE = {
+    "enable_online_decode": "decoding is always online (each block is decoded as soon as it is denoised)",
+    "load_lora": "the Live Avatar LoRA is always merged",
+    "convert_model_dtype": "weights are always converted to --dtype at load",
+    "single_gpu": "one process is the default; use --gpus N for several",
+    "training_config": "the LoRA scale (alpha/rank = 64/128) is built in",
+    "task": "only s2v-14B exists",
+    "num_gpus_dit": "use --gpus",
+    "offload_kv_cache": "KV caches stay on the device",
+}
+# Flags the original parses and then ignores: refused unless given their only effective value.
+COMPAT_REFUSED = {
+    "sample_guide_scale": "the distilled model uses no classifier-free guidance; only 0 is accepted",
+    "sample_solver": "the distilled sampler is Euler; only 'euler' is accepted",
+    "ulysses_size": "sequence parallelism is not implemented (the pipeline splits denoising steps across GPUs); only 1 is accepted",
+    "sample_shift": "the timesteps are fixed by the distillation (shift 3 applied twice); this flag had no effect in the original",
+}
+_REFUSED_OK = {"sample_guide_scale": {"0", "0.0"}, "sample_solver": {"euler"}, "ulysses_size": {"1"}}
+
+
+def _check_compat(args) -> None:
+    for flag, why in COMPAT_NOTICE.items():
+        if getattr(args, flag) is not None:
+            log.info("--%s: accepted; %s", flag, why)
+    if args.task not in (None, "True", "s2v-14B"):
+        raise LiveAvatarError(f"--task {args.task}: only s2v-14B is supported")
+    for flag, why in COMPAT_REFUSED.items():
+        value = getattr(args, flag)
+        if value is not None and value.strip().lower() not in _REFUSED_OK.get(flag, set()):
+            raise LiveAvatarError(f"--{flag} {value}: refused, {why}")
+
+
+def _default_output(args) -> Path:
+    return args.save_dir / f"{args.image.stem}_{args.audio.stem}.mp4"
+
+
+def _resolve_device(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LiveAvatarError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.fp8:
+        raise LiveAvatarError("--fp8: FP8 linear layers are not available in this build yet; run without --fp8")
+    return device, getattr(torch, dtype_name)
+
+
+def _setup_logging(level: str, log_file: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="a"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from liveavatar.engine.job import JobResult, JobSpec, preflight, run_job
+    from liveavatar.engine.pipeline import LiveAvatarPipeline
+    from liveavatar.weights import hub
+
+    output = args.save_file or _default_output(args)
+    _setup_logging(args.log_level, output.with_suffix(".log"))
+    _check_compat(args)
+    device, dtype = _resolve_device(args)
+    spec = JobSpec(
+        image=args.image, audio=args.audio, prompt=args.prompt, output=output, size=args.size, num_clip=args.num_clip,
+        infer_frames=args.infer_frames, sample_steps=args.sample_steps, seed=args.base_seed,
+        save_latents=args.save_latents, resume=args.resume, trim_silence=args.trim_silence,
+        normalize_loudness=args.normalize_loudness,
+    )
+    preflight(spec)
+    log.info("run: %s", " ".join(sys.argv))
+    log.info("device %s (%s), torch %s", device, dtype, torch.__version__)
+    if args.ckpt_dir is not None:
+        ckpt_dir, lora = args.ckpt_dir, None
+    else:
+        ckpt_dir, lora = hub.cached_checkpoint()
+    if args.lora_path_dmd:
+        lora = hub.resolve_lora(args.lora_path_dmd)
+    pipe = LiveAvatarPipeline.from_pretrained(ckpt_dir, lora_file=lora, device=device, dtype=dtype,
+                                              offload_encoders=args.offload_model)
+    bar = None
+    gpu_csv = output.with_suffix(".gpu_memory.csv") if device.startswith("cuda") else None
+    if gpu_csv is not None:
+        gpu_csv.write_text("block,elapsed_s,allocated_gb,reserved_gb\n")
+    for item in run_job(pipe, spec):
+        if isinstance(item, JobResult):
+            if bar is not None:
+                bar.close()
+            log.info("wrote %s: %d frames %dx%d in %.1f s (%.2f FPS generated, first frame after %.2f s)",
+                     item.output, item.frames, item.width, item.height, item.seconds, item.fps, item.first_frame_s)
+            log.info("mean per block (ms): %s", {k: round(v, 1) for k, v in item.stage_ms.items()})
+            print(item.output)
+            return 0
+        if bar is None:
+            bar = tqdm(total=item.frames_total, initial=item.frames_done - len(item.block.frames), unit="frame",
+                       desc="generating", dynamic_ncols=True)
+        bar.update(len(item.block.frames))
+        bar.set_postfix(clip=item.block.clip, block=f"{item.blocks_done}/{item.blocks_total}")
+        if gpu_csv is not None:
+            with gpu_csv.open("a") as f:
+                f.write(f"{item.block.index},{item.elapsed_s:.3f},{torch.cuda.memory_allocated() / 2**30:.3f},"
+                        f"{torch.cuda.memory_reserved() / 2**30:.3f}\n")
+    return 1
+
+
+def cmd_download(args) -> int:
+    from liveavatar.weights import hub
+
+    _setup_logging("INFO", None)
+    print(hub.download(args.ckpt_dir))
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _log_to_files(message: str) -> None:
+    """Records an error in the run log without printing it twice on the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # SIGTERM ends like Ctrl-C: the partial MP4 and the resume state stay.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return {"generate": cmd_generate, "download": cmd_download}[args.command](args)
+    except LiveAvatarError as e:
+        _log_to_files(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the partial video and resume state are kept; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

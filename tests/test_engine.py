@@ -79,15 +79,14 @@ def test_stream_matches_realtime_pipeline(pipe, name):
     assert [len(b.frames) for b in blocks] == g["decode_frames_kept"].tolist()
     video = torch.cat([b.frames for b in blocks])  # [N, H, W, 3] uint8
     assert list(video.permute(3, 0, 1, 2).shape) == g["video_shape"].tolist()
-    # The golden frames are float in [-1, 1]; ours are the uint8 the MP4 encoder gets, so compare within
-    # half a quantisation step (1/255) rather than the float tolerance.
+    # The golden frames are float in [-1, 1]; ours are the uint8 the MP4 encoder gets, quantised like the
+    # original's saver ((x+1)/2*255, truncated): below the float value by less than one step (2/255).
+    # The float frames themselves are checked at 1e-4 in test_float_video_matches_before_quantisation.
     frames = video.permute(3, 0, 1, 2).double() / 127.5 - 1
-    sel = frames[:, g["video_sel_idx"]]
-    assert (sel - g["video_sel"].double()).abs().max() <= 1 / 255 + 1e-6
-    pooled = F.avg_pool2d(frames, 4)
-    assert (pooled - g["video_pool4"].double()).abs().max() <= 1 / 255 + 1e-6
-    mean = frames.mean(dim=(2, 3)).T
-    assert (mean - g["video_frame_mean"]).abs().max() <= 1 / 255
+    step, tol = 2 / 255, 1e-4
+    for key, mine in (("video_sel", frames[:, g["video_sel_idx"]]), ("video_pool4", F.avg_pool2d(frames, 4))):
+        diff = g[key].double() - mine
+        assert -tol <= diff.min() and diff.max() <= step + tol, key
 
 
 @pytest.mark.parametrize("name", ["T1"])
@@ -101,7 +100,7 @@ def test_float_video_matches_before_quantisation(pipe, name):
     decode = stream.decoder.decode
     stream.decoder.decode = lambda z: captured.append(decode(z)) or captured[-1]
     list(stream.blocks(1))
-    video = torch.cat([captured[1][:, :, 3:]] + captured[2:], dim=2)[0]
+    video = torch.cat([captured[0][:, :, 3:]] + captured[1:], dim=2)[0]  # the warm-up ran in the constructor
     assert_close("video_sel", video[:, g["video_sel_idx"]], g["video_sel"])
     assert_close("video_pool4", F.avg_pool2d(video, 4), g["video_pool4"])
     assert_close("video_frame_mean", video.double().mean(dim=(2, 3)).T, g["video_frame_mean"])

@@ -22,6 +22,7 @@ from typing import Iterator, Protocol
 import torch
 
 from liveavatar.engine import scheduler
+from liveavatar.media.video import frames_to_uint8
 from liveavatar.models.dit import S2VTransformer
 from liveavatar.models.kv_cache import RingCache, SinkCache
 from liveavatar.models.vae import StreamingDecoder, WanVAE
@@ -80,12 +81,6 @@ class Block:
         """Seconds of the input audio that these frames show (output frame j is input time (j+3)/fps)."""
         start = (self.first_frame + DROPPED_FIRST_FRAMES) / 25
         return start, start + len(self.frames) / 25
-
-
-def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """[1, 3, n, H, W] in [-1, 1] -> [n, H, W, 3] uint8 (round to nearest)."""
-    x = ((video[0].float() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous()
 
 
 class AvatarStream:
@@ -162,7 +157,7 @@ class AvatarStream:
         video = self.decoder.decode(latents[None])
         if k == 0:
             video = video[:, :, DROPPED_FIRST_FRAMES:]
-        return to_uint8_frames(video.cpu())
+        return torch.from_numpy(frames_to_uint8(video))
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()

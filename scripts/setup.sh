@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs liveavatar into the current Python environment.
+#   bash scripts/setup.sh          # the package and its command
+#   bash scripts/setup.sh dev      # + test tools
+#   bash scripts/setup.sh app,dev  # + web UI / server
+# An installed torch is kept as it is (a CUDA build stays a CUDA build). Without one, a CUDA build is
+# installed on machines with an NVIDIA driver and the CPU build elsewhere (never a multi-GB CUDA
+# download on a CPU-only machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=${1:-}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "$PY" -m pip install "torch>=2.4"
+  else
+    "$PY" -m pip install "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+# Pin whatever torch is installed so the resolver cannot swap it for another build.
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+"$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+target="."
+[ -n "$extras" ] && target=".[$extras]"
+"$PY" -m pip install -q -c "$constraints" -e "$target"
+"$PY" -c "import torch, liveavatar; print(f'liveavatar {liveavatar.__version__} installed (torch {torch.__version__}, CUDA: {torch.cuda.is_available()})')"

@@ -196,12 +196,12 @@ class AvatarStream:
             "next_block": self.next_block,
             "frames_emitted": self.frames_emitted,
             "sink_replaced": self.sink_replaced,
-            "ref_latent": self.ref_latent.cpu(),
+            "ref_latent": self.ref_latent.to("cpu", copy=True),
             "decoder": self.decoder.state_dict(),
             "rings": [r.state_dict() for r in self.rings],
         }
         if self.next_block > 0:
-            state["first_latent"] = self._first_latent.cpu()
+            state["first_latent"] = self._first_latent.to("cpu", copy=True)
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -56,7 +56,8 @@ class RingCache:
         return self.keys[layer, :, :n], self.values[layer, :, :n]
 
     def state_dict(self) -> dict:
-        return {"keys": self.keys, "values": self.values, "written": self.written}
+        """A snapshot on the CPU (a copy: the live ring keeps changing)."""
+        return {"keys": self.keys.to("cpu", copy=True), "values": self.values.to("cpu", copy=True), "written": self.written}
 
     def load_state_dict(self, state: dict) -> None:
         self.keys.copy_(state["keys"])

@@ -321,6 +321,15 @@ class StreamingDecoder:
     def reset(self) -> None:
         self._cache = {}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The causal history, keyed by module name (for resuming a stream in another process)."""
+        names = {module: name for name, module in self.vae.named_modules()}
+        return {names[module]: frames.to("cpu", copy=True) for module, frames in self._cache.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        modules = dict(self.vae.named_modules())
+        self._cache = {modules[name]: frames.to(self.vae.device) for name, frames in state.items()}
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, 16, T, h, w] normalised latents -> the next 4T frames (4T-3 on the first call), clamped to [-1, 1]."""

@@ -27,9 +27,10 @@ import torch
 from safetensors.torch import save_file
 
 from liveavatar.engine.pipeline import LiveAvatarPipeline
-from liveavatar.engine.stream import DROPPED_FIRST_FRAMES, Block, StreamSettings
+from liveavatar.engine.stream import DROPPED_FIRST_FRAMES, FRAMES_PER_LATENT, Block, StreamSettings
 from liveavatar.errors import InputError
 from liveavatar.media import audio as audio_io
+from liveavatar.media import image as image_io
 from liveavatar.media.video import PARTIAL_SUFFIX, FragmentedMP4Writer
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,15 @@ def load_speech(spec: JobSpec) -> np.ndarray:
 
 
 def preflight(spec: JobSpec) -> None:
-    """Checks what can be checked before any model work: inputs exist, output folder is writable, disk space."""
+    """Checks what can be checked before any model work: options, inputs exist, output folder writable, disk space."""
+    image_io.parse_size(spec.size)
+    block_frames = FRAMES_PER_LATENT * StreamSettings.latent_frames_per_block
+    if spec.infer_frames < block_frames or spec.infer_frames % block_frames:
+        raise InputError(f"--infer_frames {spec.infer_frames}: must be a positive multiple of {block_frames}")
+    if spec.sample_steps < 1:
+        raise InputError(f"--sample_steps {spec.sample_steps}: must be at least 1")
+    if spec.num_clip is not None and spec.num_clip < 1:
+        raise InputError(f"--num_clip must be at least 1, got {spec.num_clip}")
     for path, what in ((spec.image, "reference image"), (spec.audio, "audio")):
         if not Path(path).is_file():
             raise InputError(f"{path}: {what} not found")
@@ -159,8 +168,6 @@ def run_job(pipe: LiveAvatarPipeline, spec: JobSpec) -> Iterator[Progress | JobR
     settings = StreamSettings(frames_per_clip=spec.infer_frames, sample_steps=spec.sample_steps, seed=spec.seed, fps=spec.fps)
     cond = pipe.prepare(spec.image, wave, spec.prompt, spec.size, fps=spec.fps, frames_per_clip=spec.infer_frames)
     num_clips = cond.num_clips if spec.num_clip is None else min(spec.num_clip, cond.num_clips)
-    if num_clips < 1:
-        raise InputError(f"--num_clip must be at least 1, got {spec.num_clip}")
     log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d)", cond.width, cond.height, num_clips,
              spec.infer_frames, cond.num_clips)
     stream = pipe.stream(cond, settings)

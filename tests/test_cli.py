@@ -1,0 +1,183 @@
+"""`liveavatar generate` end to end on the tiny golden checkpoints: parity, files, options, kill + resume, memory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CKPT, GOLDEN, REPO, assert_close, golden_case, requires_golden
+from liveavatar.interfaces.cli import main
+from liveavatar.media.video import read_video
+
+pytestmark = requires_golden
+
+CASE_T = GOLDEN / "cases" / "T"
+CASE_T1 = GOLDEN / "cases" / "T1"
+CPU = ["--ckpt_dir", str(CKPT), "--device", "cpu", "--dtype", "float32"]
+
+
+def test_generate_case_T_matches_original(tmp_path, capsys):
+    out = tmp_path / "t.mp4"
+    lat = tmp_path / "t.safetensors"
+    code = main([
+        "generate", "--image", str(CASE_T / "image.png"), "--audio", str(CASE_T / "audio.wav"),
+        "--prompt", (CASE_T / "prompt.txt").read_text(), "--size", "384*256", "--base_seed", "11",
+        "--num_clip", "3", "--save_file", str(out), "--save-latents", str(lat), *CPU,
+    ])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    g = golden_case("T")
+    latents = load_file(str(lat))["latents"]
+    assert latents.dtype == torch.float32 and list(latents.shape) == [16, 36, 32, 48]
+    assert_close("latents_final", latents.view(16, 3, 12, 32, 48).transpose(0, 1), g["latents_final"])
+
+    frames, fps, audio, rate = read_video(out)
+    assert frames.shape == (141, 256, 384, 3) and fps == 25
+    assert rate == 16000 and audio is not None
+    # The speech is muxed from input time 3/25 s (the first 3 generated frames are dropped), and ends
+    # with the video or the audio, whichever is shorter.
+    assert abs(len(audio) / rate - min(141 / 25, 5.0 - 3 / 25)) < 0.1
+    assert not Path(str(out) + ".partial").exists() and not Path(str(out) + ".resume").exists()
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["frames"] == 141 and summary["clips"] == 3 and (summary["height"], summary["width"]) == (256, 384)
+    assert {"step0", "step3", "decode", "mux", "sink_prefill"} <= set(summary["stage_ms"])
+    log = out.with_suffix(".log").read_text()
+    assert "device cpu" in log and "wrote" in log
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sample_guide_scale", "4.5"], "--sample_guide_scale 4.5: refused, the distilled model uses no classifier-free guidance"),
+        (["--sample_solver", "unipc"], "--sample_solver unipc: refused"),
+        (["--sample_shift", "5"], "--sample_shift 5: refused"),
+        (["--size", "big"], "invalid size 'big'"),
+        (["--infer_frames", "50"], "--infer_frames 50: must be a positive multiple of 12"),
+        (["--num_clip", "0"], "--num_clip must be at least 1"),
+        (["--fp8"], "--fp8"),
+        (["--device", "cuda"], "no CUDA GPU is available"),
+    ],
+)
+def test_option_errors_are_one_line(tmp_path, capsys, extra, message):
+    if extra == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    device = [] if "--device" in extra else ["--device", "cpu", "--dtype", "float32"]
+    args = ["generate", "--image", str(CASE_T1 / "image.png"), "--audio", str(CASE_T1 / "audio.wav"),
+            "--save_file", str(tmp_path / "o.mp4"), "--ckpt_dir", str(CKPT), *device, *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_missing_inputs_fail_before_loading(tmp_path, capsys):
+    assert main(["generate", "--image", str(tmp_path / "nope.png"), "--audio", str(CASE_T1 / "audio.wav"),
+                 "--save_file", str(tmp_path / "o.mp4"), *CPU]) == 2
+    assert "nope.png: reference image not found" in capsys.readouterr().err
+    assert main(["generate", "--image", str(CASE_T1 / "image.png"), "--audio", str(CASE_T1 / "audio.wav"),
+                 "--save_file", str(tmp_path / "o.mp4"), "--ckpt_dir", str(tmp_path / "ck"), "--device", "cpu"]) == 2
+    assert "ck: missing folder" in capsys.readouterr().err
+
+
+def test_notice_flags_are_accepted(tmp_path):
+    code = main(["generate", "--image", str(CASE_T1 / "image.png"), "--audio", str(CASE_T1 / "audio.wav"),
+                 "--prompt", "hi", "--size", "384*256", "--save_file", str(tmp_path / "o.mp4"), *CPU,
+                 "--enable_online_decode", "--sample_guide_scale", "0", "--sample-solver", "euler", "--load_lora"])
+    assert code == 0
+    assert "--enable_online_decode: accepted; decoding is always online" in (tmp_path / "o.log").read_text()
+    frames, *_ = read_video(tmp_path / "o.mp4")
+    assert frames.shape == (45, 192, 256, 3)
+
+
+def _generate_cmd(out: Path, latents: Path, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "liveavatar.interfaces.cli", "generate", "--image", str(CASE_T1 / "image.png"),
+           "--audio", str(CASE_T / "audio.wav"), "--prompt", "talking", "--size", "384*256", "--base_seed", "3",
+           "--save_file", str(out), "--save-latents", str(latents), *CPU]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_sigkill_leaves_playable_partial_and_resume_is_identical(tmp_path):
+    ref_out, ref_lat = tmp_path / "ref.mp4", tmp_path / "ref.safetensors"
+    subprocess.run(_generate_cmd(ref_out, ref_lat), check=True, env=_env(), capture_output=True)
+
+    out, lat = tmp_path / "run.mp4", tmp_path / "run.safetensors"
+    proc = subprocess.Popen(_generate_cmd(out, lat), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_dir = Path(str(out) + ".resume")
+    deadline = time.monotonic() + 600
+    while not list(state_dir.glob("state-000000008.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    partial = Path(str(out) + ".partial")
+    assert partial.exists() and not out.exists()
+    frames, fps, _, _ = read_video(partial)
+    assert len(frames) >= 45 and fps == 25  # at least clip 0 plays
+
+    done = subprocess.run(_generate_cmd(out, lat, resume=True), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming at block" in done.stderr
+    assert torch.equal(load_file(str(lat))["latents"], load_file(str(ref_lat))["latents"])
+    got, _, got_audio, _ = read_video(out)
+    want, _, want_audio, _ = read_video(ref_out)
+    assert got.shape == want.shape == (141, 192, 256, 3)
+    assert np.array_equal(got, want)
+    assert np.array_equal(got_audio, want_audio)
+    assert not partial.exists() and not Path(str(out) + ".resume").exists()
+
+
+def test_interrupted_output_without_resume_is_refused(tmp_path, capsys):
+    out = tmp_path / "o.mp4"
+    Path(str(out) + ".partial").write_bytes(b"x")
+    assert main(["generate", "--image", str(CASE_T1 / "image.png"), "--audio", str(CASE_T1 / "audio.wav"),
+                 "--save_file", str(out), *CPU]) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
+
+
+MEMORY_SCRIPT = """
+import sys, numpy as np, torch
+from liveavatar.engine.pipeline import LiveAvatarPipeline
+from liveavatar.engine.stream import StreamSettings
+from liveavatar.media.audio import load_audio
+from liveavatar.media.video import FragmentedMP4Writer
+def rss_mb():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+pipe = LiveAvatarPipeline.from_pretrained(sys.argv[1], device='cpu', dtype=torch.float32)
+wave = np.tile(load_audio(sys.argv[2]), 11)  # ~86 s of speech: 45 clips
+cond = pipe.prepare(sys.argv[3], wave, 'talking', size='128*128')
+stream = pipe.stream(cond, StreamSettings(seed=1))
+with FragmentedMP4Writer(sys.argv[4], cond.width, cond.height, 25, wave) as writer:
+    for block in stream.blocks(42):
+        writer.write(block.frames.numpy())
+        if block.index % 4 == 3:
+            print(block.clip, rss_mb(), flush=True)
+"""
+
+
+def test_memory_is_flat_after_the_first_clips(tmp_path):
+    """42 clips (2016 frames, ~97 MB of raw pixels at 128x128): resident memory must not grow with them."""
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(CKPT), str(REPO / "examples" / "speech.wav"),
+         str(CASE_T1 / "image.png"), str(tmp_path / "long.mp4")],
+        env=_env(), capture_output=True, text=True, check=True,
+    )
+    rss = [float(line.split()[1]) for line in proc.stdout.splitlines()]
+    assert len(rss) == 42
+    growth = max(rss[2:]) - rss[2]
+    print(f"RSS after clip 2: {rss[2]:.1f} MB, max after: {max(rss[2:]):.1f} MB, growth {growth:.1f} MB")
+    assert growth < 20, rss
+    frames, *_ = read_video(tmp_path / "long.mp4")
+    assert len(frames) == 42 * 48 - 3

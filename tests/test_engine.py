@@ -127,3 +127,18 @@ def test_stream_state_round_trip_continues_identically(pipe):
         assert torch.equal(a.latents, b.latents)
         assert torch.equal(a.frames, b.frames)
         assert a.first_frame == b.first_frame
+
+
+def test_fixed_sink_reproduces_single_gpu_case_A_latents(pipe):
+    """Case A (single-GPU pipeline, no online decode) keeps its reference for the whole video. Given its
+    conditioning (5-frame ref latent, last 19 of the 92 motion latents), the DiT path is the same as ours."""
+    from liveavatar.engine.audio_source import PrecomputedAudio
+    from liveavatar.engine.stream import AvatarStream
+
+    g, p = golden_case("A"), golden_params("A")
+    audio = PrecomputedAudio(g["audio_emb"], p["audio_clips_available"])
+    stream = AvatarStream(pipe.dit, pipe.vae, g["text_context"], g["ref_latents"], g["motion_latents_init"][:, :, -19:],
+                          audio, StreamSettings(seed=p["seed"], rolling_sink=False))
+    latents = torch.cat([b.latents for b in stream.blocks(p["num_clips_generated"])], dim=1)
+    assert not stream.sink_replaced
+    assert_close("latents_final", latents.view(16, 2, 12, 32, 48).transpose(0, 1), g["latents_final"])

@@ -39,6 +39,9 @@ class StreamSettings:
     sample_steps: int = 4
     seed: int = 42
     fps: int = 25
+    # Rolling sink frame: after clip 0 the reference becomes the first generated frame (the real-time
+    # pipeline's behaviour). Off keeps the input image as the reference for the whole stream.
+    rolling_sink: bool = True
 
     def __post_init__(self):
         if self.frames_per_clip % (FRAMES_PER_LATENT * self.latent_frames_per_block):
@@ -167,7 +170,7 @@ class AvatarStream:
         while self.next_block < total:
             k = self.next_block
             timings: dict[str, float] = {}
-            if k == s.blocks_per_clip and num_clips > 1 and not self.sink_replaced:
+            if s.rolling_sink and k == s.blocks_per_clip and num_clips > 1 and not self.sink_replaced:
                 t0 = time.perf_counter()
                 self.replace_sink(self._first_latent)
                 timings["sink_prefill"] = _ms(t0)

@@ -1,0 +1,205 @@
+"""The engine behind the web UI and the server: one thread owns the model and runs tasks one at a time.
+
+Every request (a file job or a live session) becomes a task in a bounded first-in-first-out queue; the
+engine thread runs them in order with the one pipeline loaded at start, so requests never compete for
+the GPU. A task is cancelled by flag: a queued one never starts, a running one stops at the next block.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from liveavatar.engine.job import JobResult, JobSpec, Progress, run_job
+from liveavatar.engine.live import LiveSession
+from liveavatar.engine.pipeline import LiveAvatarPipeline
+from liveavatar.errors import LiveAvatarError
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+
+
+class QueueFull(LiveAvatarError):
+    """The engine's queue holds as many tasks as allowed."""
+
+
+@dataclass
+class Task:
+    kind: str  # "job" or "session"
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: str = QUEUED
+    error: str | None = None
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, pipe: LiveAvatarPipeline) -> bool:
+        """Runs the task; False if it stopped early because it was cancelled."""
+        raise NotImplementedError
+
+
+@dataclass
+class JobTask(Task):
+    """A file job (`run_job`); `events()` subscribers get every Progress and the JobResult (or the end)."""
+
+    spec: JobSpec | None = None
+    progress: Progress | None = None
+    result: JobResult | None = None
+    first_block_s: float | None = None  # from start to the first block written
+    _subscribers: list[queue.Queue] = field(default_factory=list)
+
+    def subscribe(self) -> queue.Queue:
+        """A queue that receives each Progress, then the JobResult, then None when the task has ended."""
+        q: queue.Queue = queue.Queue()
+        self._subscribers.append(q)
+        if self.state in FINISHED:
+            q.put(None)
+        return q
+
+    def _send(self, item) -> None:
+        for q in list(self._subscribers):
+            q.put(item)
+
+    def run(self, pipe: LiveAvatarPipeline) -> bool:
+        items = run_job(pipe, self.spec)
+        try:
+            for item in items:
+                if isinstance(item, Progress):
+                    self.progress = item
+                    if self.first_block_s is None:
+                        self.first_block_s = time.time() - self.started
+                else:
+                    self.result = item
+                self._send(item)
+                if self.cancel_requested.is_set():
+                    break
+        finally:
+            items.close()  # a job closed before its end keeps its partial MP4 (playable) and stops
+        return self.result is not None
+
+
+@dataclass
+class SessionTask(Task):
+    session: LiveSession | None = None
+
+    def run(self, pipe: LiveAvatarPipeline) -> bool:
+        self.session.run(pipe)
+        return True  # closing is how every session ends
+
+
+class EngineWorker:
+    """Runs tasks on one thread with one pipeline; at most `max_queue` tasks wait at a time."""
+
+    def __init__(self, pipe: LiveAvatarPipeline, max_queue: int = 8, keep_finished: int = 100):
+        self.pipe = pipe
+        self.max_queue = max_queue
+        self.tasks: dict[str, Task] = {}
+        self._waiting: deque[Task] = deque()
+        self._finished: deque[str] = deque()
+        self._keep_finished = keep_finished
+        self.running: Task | None = None
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="liveavatar-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, task: Task) -> Task:
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({len(self._waiting)} requests waiting); try again later")
+            self.tasks[task.id] = task
+            self._waiting.append(task)
+            self._lock.notify_all()
+        return task
+
+    def position(self, task: Task) -> int | None:
+        """1 for the next task to run, None unless waiting."""
+        with self._lock:
+            return self._waiting.index(task) + 1 if task in self._waiting else None
+
+    def cancel(self, task: Task) -> None:
+        with self._lock:
+            task.cancel_requested.set()
+            if task in self._waiting:
+                self._waiting.remove(task)
+                self._finish(task, CANCELLED)
+        if isinstance(task, SessionTask):
+            task.session.close()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            for task in list(self._waiting):
+                self._waiting.remove(task)
+                self._finish(task, CANCELLED)
+            running = self.running
+            self._lock.notify_all()
+        if running is not None:
+            self.cancel(running)
+        self._thread.join()
+
+    # ------------------------------------------------------------------ the engine thread
+    def _finish(self, task: Task, state: str, error: str | None = None) -> None:
+        task.state, task.error, task.finished = state, error, time.time()
+        if isinstance(task, JobTask):
+            task._send(None)
+        self._finished.append(task.id)
+        while len(self._finished) > self._keep_finished:
+            self.tasks.pop(self._finished.popleft(), None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                task = self._waiting.popleft()
+                task.state, task.started = RUNNING, time.time()
+                self.running = task
+            state, error = DONE, None
+            try:
+                if not task.run(self.pipe):
+                    state = CANCELLED
+            except LiveAvatarError as e:
+                state, error = FAILED, str(e)
+            except Exception as e:  # one failed request must not stop the engine
+                log.exception("task %s failed", task.id)
+                state, error = FAILED, f"{type(e).__name__}: {e}"
+            finally:
+                if self.pipe.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            with self._lock:
+                self.running = None
+                self._finish(task, state, error)
+
+
+def load_pipeline(ckpt_dir: Path | None, lora: str | None, device: str | None, dtype: str | None,
+                  offload_model: bool) -> LiveAvatarPipeline:
+    """The pipeline for a long-running service: cuda if available, bfloat16 on GPU and float32 on CPU,
+    weights from `ckpt_dir` or the Hugging Face cache."""
+    from liveavatar.weights import hub
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LiveAvatarError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
+    torch_dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    lora_file = None
+    if ckpt_dir is None:
+        ckpt_dir, lora_file = hub.cached_checkpoint()
+    if lora:
+        lora_file = hub.resolve_lora(lora)
+    return LiveAvatarPipeline.from_pretrained(ckpt_dir, lora_file=lora_file, device=device, dtype=torch_dtype,
+                                              offload_encoders=offload_model)

@@ -11,3 +11,15 @@ class CheckpointError(LiveAvatarError):
 
 class InputError(LiveAvatarError):
     """A user input (image, audio, prompt, option) is missing or invalid."""
+
+
+class JobStopped(LiveAvatarError):
+    """A generation was asked to stop; what was generated is kept and resumable."""
+
+
+class OutOfMemory(LiveAvatarError):
+    """The GPU ran out of memory; the message names the remedies."""
+
+
+class DiskFull(LiveAvatarError):
+    """The output disk filled up; the part written so far is kept."""

@@ -108,17 +108,40 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_sigkill_leaves_playable_partial_and_resume_is_identical(tmp_path):
-    ref_out, ref_lat = tmp_path / "ref.mp4", tmp_path / "ref.safetensors"
-    subprocess.run(_generate_cmd(ref_out, ref_lat), check=True, env=_env(), capture_output=True)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """An uninterrupted run of the resume tests' command: (mp4, latents)."""
+    folder = tmp_path_factory.mktemp("reference")
+    out, lat = folder / "ref.mp4", folder / "ref.safetensors"
+    subprocess.run(_generate_cmd(out, lat), check=True, env=_env(), capture_output=True)
+    return out, lat
+
+
+def _assert_same_as(out: Path, lat: Path, reference) -> None:
+    ref_out, ref_lat = reference
+    assert torch.equal(load_file(str(lat))["latents"], load_file(str(ref_lat))["latents"])
+    got, _, got_audio, _ = read_video(out)
+    want, _, want_audio, _ = read_video(ref_out)
+    assert got.shape == want.shape == (141, 192, 256, 3)
+    assert np.array_equal(got, want)
+    assert np.array_equal(got_audio, want_audio)
+    assert not Path(str(out) + ".partial").exists() and not Path(str(out) + ".resume").exists()
+
+
+def _start_and_wait_for_state(out: Path, lat: Path, block: int) -> subprocess.Popen:
+    proc = subprocess.Popen(_generate_cmd(out, lat), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = Path(str(out) + ".resume") / f"state-{block:09d}.pt"
+    deadline = time.monotonic() + 600
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    return proc
+
+
+def test_sigkill_leaves_playable_partial_and_resume_is_identical(tmp_path, uninterrupted):
 
     out, lat = tmp_path / "run.mp4", tmp_path / "run.safetensors"
-    proc = subprocess.Popen(_generate_cmd(out, lat), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_dir = Path(str(out) + ".resume")
-    deadline = time.monotonic() + 600
-    while not list(state_dir.glob("state-000000008.pt")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    proc = _start_and_wait_for_state(out, lat, block=8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -130,13 +153,25 @@ def test_sigkill_leaves_playable_partial_and_resume_is_identical(tmp_path):
     done = subprocess.run(_generate_cmd(out, lat, resume=True), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resuming at block" in done.stderr
-    assert torch.equal(load_file(str(lat))["latents"], load_file(str(ref_lat))["latents"])
-    got, _, got_audio, _ = read_video(out)
-    want, _, want_audio, _ = read_video(ref_out)
-    assert got.shape == want.shape == (141, 192, 256, 3)
-    assert np.array_equal(got, want)
-    assert np.array_equal(got_audio, want_audio)
-    assert not partial.exists() and not Path(str(out) + ".resume").exists()
+    _assert_same_as(out, lat, uninterrupted)
+
+
+def test_sigterm_finishes_the_block_keeps_a_playable_file_and_resumes(tmp_path, uninterrupted):
+    out, lat = tmp_path / "run.mp4", tmp_path / "run.safetensors"
+    proc = _start_and_wait_for_state(out, lat, block=4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130
+    assert "error: stopped after" in err and "rerun the same command with --resume" in err
+    frames_made = int(err.split("stopped after ")[1].split(" of ")[0])
+    frames, fps, audio, _ = read_video(Path(str(out) + ".partial"))
+    assert len(frames) == frames_made >= 45  # everything generated is in the file, nothing half-written
+    assert audio is not None
+
+    done = subprocess.run(_generate_cmd(out, lat, resume=True), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"frame {frames_made})" in done.stderr
+    _assert_same_as(out, lat, uninterrupted)
 
 
 def test_interrupted_output_without_resume_is_refused(tmp_path, capsys):

@@ -12,6 +12,7 @@ every block. Files written next to the output `out.mp4`:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.engine.stream import DROPPED_FIRST_FRAMES, FRAMES_PER_LATENT, Block, StreamSettings
-from liveavatar.errors import InputError
+from liveavatar.errors import DiskFull, InputError, JobStopped, OutOfMemory
 from liveavatar.media import audio as audio_io
 from liveavatar.media import image as image_io
 from liveavatar.media.video import PARTIAL_SUFFIX, FragmentedMP4Writer
@@ -160,8 +161,14 @@ class ResumeStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_job(pipe: LiveAvatarPipeline, spec: JobSpec) -> Iterator[Progress | JobResult]:
-    """Runs a job, yielding a Progress after every block and the JobResult last."""
+def run_job(
+    pipe: LiveAvatarPipeline, spec: JobSpec, should_stop: Callable[[], bool] | None = None
+) -> Iterator[Progress | JobResult]:
+    """Runs a job, yielding a Progress after every block and the JobResult last.
+
+    `should_stop` is polled after every block: when it returns True the job saves a resume state at that
+    block, finalises the partial MP4 (playable, with everything generated so far) and raises JobStopped.
+    """
     preflight(spec)
     t_start = time.perf_counter()
     wave = load_speech(spec)
@@ -219,8 +226,32 @@ def run_job(pipe: LiveAvatarPipeline, spec: JobSpec) -> Iterator[Progress | JobR
             log.debug("block %d: %s", block.index, {k: round(v, 1) for k, v in block.timings_ms.items()})
             yield Progress(block, block.index + 1, blocks_total, stream.frames_emitted, frames_total,
                            time.perf_counter() - t_start)
-    except BaseException:
-        writer.abort()
+            if should_stop is not None and should_stop() and block.index + 1 < blocks_total:
+                kept = torch.cat(latents, dim=1) if latents else None
+                store.save({"stream": stream.state_dict(), "latents": kept})
+                writer.abort()  # closes the container: the last block's fragment reaches the disk
+                raise JobStopped(
+                    f"stopped after {stream.frames_emitted} of {frames_total} frames: {partial} plays what was "
+                    f"generated; rerun the same command with --resume to continue"
+                )
+    except JobStopped:
+        raise
+    except BaseException as e:
+        try:
+            writer.abort()
+        except OSError:  # e.g. the disk is full: the file stays valid up to its last complete block
+            pass
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise OutOfMemory(
+                f"GPU out of memory at {cond.width}x{cond.height}: use a smaller --size (e.g. 688*368 or 384*256), "
+                f"--offload_model True, or --fp8; the {stream.frames_emitted} frames made so far are in {partial} "
+                f"(rerun with --resume to continue)"
+            ) from None
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise DiskFull(
+                f"disk full while writing {partial}: the {writer.frames_written} frames written so far are kept "
+                f"(playable); free space and rerun with --resume to continue"
+            ) from None
         raise
     if spec.save_latents is not None:
         spec.save_latents.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from liveavatar.errors import LiveAvatarError
+from liveavatar.errors import JobStopped, LiveAvatarError
 
 log = logging.getLogger("liveavatar")
 
@@ -151,7 +151,7 @@ def _setup_logging(level: str, log_file: Path | None) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args, stop: "_StopFlag") -> int:
     import torch
     from tqdm import tqdm
 
@@ -184,7 +184,7 @@ def cmd_generate(args) -> int:
     gpu_csv = output.with_suffix(".gpu_memory.csv") if device.startswith("cuda") else None
     if gpu_csv is not None:
         gpu_csv.write_text("block,elapsed_s,allocated_gb,reserved_gb\n")
-    for item in run_job(pipe, spec):
+    for item in run_job(pipe, spec, should_stop=lambda: stop.requested):
         if isinstance(item, JobResult):
             if bar is not None:
                 bar.close()
@@ -205,7 +205,7 @@ def cmd_generate(args) -> int:
     return 1
 
 
-def cmd_download(args) -> int:
+def cmd_download(args, stop: "_StopFlag") -> int:
     from liveavatar.weights import hub
 
     _setup_logging("INFO", None)
@@ -213,8 +213,17 @@ def cmd_download(args) -> int:
     return 0
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _StopFlag:
+    """First Ctrl-C / SIGTERM: finish the current block, keep everything, exit. Second: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after the current block (press Ctrl-C again to stop at once)", file=sys.stderr)
 
 
 def _log_to_files(message: str) -> None:
@@ -227,17 +236,20 @@ def _log_to_files(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # SIGTERM ends like Ctrl-C: the partial MP4 and the resume state stay.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop = _StopFlag()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return {"generate": cmd_generate, "download": cmd_download}[args.command](args)
+        return {"generate": cmd_generate, "download": cmd_download}[args.command](args, stop)
     except LiveAvatarError as e:
         _log_to_files(str(e))
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 130 if isinstance(e, JobStopped) else 2
     except KeyboardInterrupt:
         print("interrupted: the partial video and resume state are kept; rerun with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

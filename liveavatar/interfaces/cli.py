@@ -91,7 +91,34 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download the weights (Wan2.2-S2V-14B and Live Avatar LoRA)",
                         description="Fetch both Hugging Face repos into a folder (resumable, with progress).")
     _add(dl, "ckpt_dir", type=Path, default=Path("ckpt"), help="destination folder (default: %(default)s)")
+
+    app = sub.add_parser("app", help="web UI (Gradio): the video plays while it is generated",
+                         description="A page to generate videos from an upload or webcam image and an uploaded or recorded "
+                         "voice; requests queue on one model and can be cancelled.")
+    _add_service_args(app, "size of the form's first view")
+    _add(app, "server_name", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    _add(app, "server_port", type=int, default=7860, help="(default: %(default)s)")
+    srv = sub.add_parser("serve", help="HTTP API (FastAPI): jobs, live MP4 output, live speech sessions, player page",
+                         description="Job API with live output, live sessions that speak pushed speech, and a player page "
+                         "at /player; the schema is at /openapi.json.")
+    _add_service_args(srv, "default size of submitted jobs")
+    _add(srv, "host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    _add(srv, "port", type=int, default=8000, help="(default: %(default)s)")
+    _add(srv, "max_upload_mb", type=float, default=50, help="largest request body (image + audio) in MB (default: %(default)s)")
     return parser
+
+
+def _add_service_args(parser, size_help: str) -> None:
+    """Model and queue options shared by `app` and `serve` (the model is loaded once, at start)."""
+    _add(parser, "ckpt_dir", type=Path, help="folder with Wan2.2-S2V-14B/ and LiveAvatar/ (default: the Hugging Face cache)")
+    _add(parser, "lora_path_dmd", help="Live Avatar LoRA file or hub repo id (default: <ckpt_dir>/LiveAvatar/liveavatar.safetensors)")
+    _add(parser, "device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    _add(parser, "dtype", default=None, choices=["bfloat16", "float16", "float32"], help="(default: bfloat16 on GPU, float32 on CPU)")
+    _add(parser, "offload_model", type=_bool, nargs="?", const=True, default=False, help="keep the text and audio encoders off the GPU except while used")
+    _add(parser, "work_dir", type=Path, help="folder for uploads and outputs (default: a new temporary folder)")
+    _add(parser, "max_queue", type=int, default=8, help="requests that may wait; more are refused (default: %(default)s)")
+    _add(parser, "size", default="704*384", help=f"{size_help} (default: %(default)s)")
+    _add(parser, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 # Flags whose effect is always on (or that only select what is already the one behaviour).
@@ -205,6 +232,18 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     return 1
 
 
+def cmd_app(args, *_unused) -> int:  # Gradio and uvicorn handle Ctrl-C themselves
+    from liveavatar.interfaces import app
+
+    return app.main(args)
+
+
+def cmd_serve(args, *_unused) -> int:
+    from liveavatar.interfaces import server
+
+    return server.main(args)
+
+
 def cmd_download(args, stop: "_StopFlag") -> int:
     from liveavatar.weights import hub
 
@@ -239,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = _StopFlag()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return {"generate": cmd_generate, "download": cmd_download}[args.command](args, stop)
+        return {"generate": cmd_generate, "download": cmd_download, "app": cmd_app, "serve": cmd_serve}[args.command](args, stop)
     except LiveAvatarError as e:
         _log_to_files(str(e))
         print(f"error: {e}", file=sys.stderr)

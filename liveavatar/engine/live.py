@@ -258,6 +258,15 @@ def init_segment_length(data: bytes) -> int | None:
     return None
 
 
+def mime_type(init_segment: bytes) -> str:
+    """The MIME type with codecs (RFC 6381) of a LiveMP4Muxer stream, as Media Source Extensions need it."""
+    at = init_segment.find(b"avcC")
+    if at < 0:
+        raise ValueError("no avcC box in the init segment")
+    profile, compatibility, level = init_segment[at + 5 : at + 8]
+    return f'video/mp4; codecs="avc1.{profile:02x}{compatibility:02x}{level:02x}, mp4a.40.2"'
+
+
 @dataclass
 class LiveBlock:
     """One block of a live session, as sent to its viewers."""

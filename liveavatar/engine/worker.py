@@ -21,7 +21,7 @@ import torch
 from liveavatar.engine.job import JobResult, JobSpec, Progress, run_job
 from liveavatar.engine.live import LiveSession
 from liveavatar.engine.pipeline import LiveAvatarPipeline
-from liveavatar.errors import LiveAvatarError
+from liveavatar.errors import JobStopped, LiveAvatarError
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ class JobTask(Task):
             q.put(item)
 
     def run(self, pipe: LiveAvatarPipeline) -> bool:
-        items = run_job(pipe, self.spec)
         try:
-            for item in items:
+            # A cancelled job stops after its current block with a playable partial MP4 (and a resume state).
+            for item in run_job(pipe, self.spec, should_stop=self.cancel_requested.is_set):
                 if isinstance(item, Progress):
                     self.progress = item
                     if self.first_block_s is None:
@@ -82,16 +82,15 @@ class JobTask(Task):
                 else:
                     self.result = item
                 self._send(item)
-                if self.cancel_requested.is_set():
-                    break
-        finally:
-            items.close()  # a job closed before its end keeps its partial MP4 (playable) and stops
-        return self.result is not None
+        except JobStopped:
+            return False
+        return True
 
 
 @dataclass
 class SessionTask(Task):
     session: LiveSession | None = None
+    connected: bool = False  # a client has claimed the session (it pushes the speech)
 
     def run(self, pipe: LiveAvatarPipeline) -> bool:
         self.session.run(pipe)
@@ -123,6 +122,10 @@ class EngineWorker:
             self._waiting.append(task)
             self._lock.notify_all()
         return task
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
 
     def position(self, task: Task) -> int | None:
         """1 for the next task to run, None unless waiting."""

@@ -1,0 +1,161 @@
+"""`liveavatar app`: the web UI (Gradio). The video plays in the page from its first block and grows while
+the rest is generated; the finished MP4 can be downloaded.
+
+Each generated block is written as a small MP4 (H.264 + AAC, the block's frames with their speech) and
+handed to Gradio's streaming video output, which plays the chunks back to back (HLS in the page). The job
+itself runs through `run_job` on the engine thread, as with `liveavatar generate`, and writes the full MP4.
+Every request uses the one model loaded at start; requests queue, and Cancel stops a job after its block.
+"""
+
+from __future__ import annotations
+
+import os
+import logging
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import gradio as gr
+
+from liveavatar.engine.job import SAMPLE_RATE, JobResult, JobSpec, Progress, load_speech
+from liveavatar.engine.stream import DROPPED_FIRST_FRAMES
+from liveavatar.engine.worker import CANCELLED, DONE, FINISHED, EngineWorker, JobTask, QueueFull
+from liveavatar.errors import InputError
+from liveavatar.media import image as image_io
+from liveavatar.media.video import PARTIAL_SUFFIX, FragmentedMP4Writer
+
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = [[str(REPO / "examples" / "face.png"), str(REPO / "examples" / "speech.wav"),
+             "A cartoon person talks to the camera in a bright studio."]]
+# System fonts: the default theme would make every browser fetch its fonts from a font CDN.
+THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def write_chunk(path: Path, progress: Progress, speech, fps: int = 25) -> None:
+    """One block as a standalone MP4 with the speech its frames show (output frame j shows speech[j / fps])."""
+    frames = progress.block.frames.numpy()
+    per_frame = SAMPLE_RATE // fps
+    start = progress.block.first_frame * per_frame
+    sound = speech[start : start + len(frames) * per_frame]
+    writer = FragmentedMP4Writer(path, frames.shape[2], frames.shape[1], fps, sound if len(sound) else None, SAMPLE_RATE)
+    writer.write(frames)
+    writer.close()
+
+
+def _status(progress: Progress) -> str:
+    fps = progress.frames_done / progress.elapsed_s if progress.elapsed_s else 0.0
+    return (f"Generating: block {progress.blocks_done} of {progress.blocks_total}, frame {progress.frames_done} of "
+            f"{progress.frames_total}, {progress.elapsed_s:.1f} s ({fps:.1f} frames/s)")
+
+
+def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384") -> gr.Blocks:
+    work_dir = Path(work_dir).resolve()
+    sizes = list(image_io.SIZE_PRESETS) + ([default_size] if default_size not in image_io.SIZE_PRESETS else [])
+
+    def generate(image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness):
+        if not image:
+            raise gr.Error("Add a reference image (upload one or take it with the webcam).")
+        if not audio:
+            raise gr.Error("Add speech (upload a file or record it with the microphone).")
+        try:
+            image_io.parse_size(size)
+        except InputError as e:
+            raise gr.Error(f"Size: {e}") from None
+        folder = work_dir / "jobs" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        # The inputs are copied next to the output: the job and its files stay together.
+        image_path, audio_path = folder / ("image" + Path(image).suffix), folder / ("audio" + Path(audio).suffix)
+        shutil.copyfile(image, image_path)
+        shutil.copyfile(audio, audio_path)
+        spec = JobSpec(image=image_path, audio=audio_path, prompt=prompt or "A person is talking.", output=folder / "output.mp4",
+                       size=size, num_clip=int(num_clip) if num_clip else None, sample_steps=int(sample_steps),
+                       seed=int(seed), trim_silence=trim_silence, normalize_loudness=normalize_loudness)
+        try:
+            task = worker.submit(JobTask(kind="job", spec=spec))
+        except QueueFull as e:
+            raise gr.Error(str(e)) from None
+        events = task.subscribe()
+        try:
+            yield gr.skip(), "Preparing the image, the prompt and the speech…", None, task.id
+            speech = None
+            result = None
+            while (item := events.get()) is not None:
+                if isinstance(item, JobResult):
+                    result = item
+                    continue
+                if speech is None:  # the job's speech, from its first shown frame on
+                    speech = load_speech(spec)[DROPPED_FIRST_FRAMES * SAMPLE_RATE // spec.fps :]
+                chunk = folder / f"block-{item.block.index:06d}.mp4"
+                write_chunk(chunk, item, speech, spec.fps)
+                yield str(chunk), _status(item), None, task.id
+            if task.state == CANCELLED:
+                partial = Path(str(spec.output) + PARTIAL_SUFFIX)
+                yield gr.skip(), "Cancelled: the video generated so far can be downloaded.", \
+                    str(partial) if partial.exists() else None, None
+            elif task.state != DONE:
+                raise gr.Error(f"Generation failed: {task.error}")
+            else:
+                yield gr.skip(), (f"Done: {result.frames} frames ({result.width}x{result.height}) in {result.seconds:.1f} s, "
+                                  f"first block after {task.first_block_s:.1f} s."), str(result.output), None
+        finally:
+            if task.state not in FINISHED:  # the page went away or the event was cancelled
+                worker.cancel(task)
+
+    def cancel(task_id):
+        task = worker.tasks.get(task_id) if task_id else None
+        if task is not None:
+            worker.cancel(task)
+
+    with gr.Blocks(title="liveavatar", analytics_enabled=False) as demo:
+        gr.Markdown("## liveavatar\nA reference image, speech and a prompt make a talking-avatar video. "
+                    "It starts playing after the first block and keeps growing while the rest is generated.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Reference image", sources=["upload", "webcam", "clipboard"], type="filepath",
+                                 elem_id="image")
+                audio = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath", elem_id="audio")
+                prompt = gr.Textbox(label="Prompt", value="A person is talking.", elem_id="prompt")
+                with gr.Accordion("Options", open=False):
+                    size = gr.Dropdown(sizes, value=default_size, allow_custom_value=True, elem_id="size",
+                                       label="Size: pixel budget W*H (the aspect ratio follows the image)")
+                    num_clip = gr.Number(0, precision=0, minimum=0, label="Clips of 48 frames (0: as many as the speech covers)")
+                    sample_steps = gr.Slider(1, 8, value=4, step=1, label="Denoising steps (the model is distilled for 4)")
+                    seed = gr.Number(42, precision=0, label="Seed (the same seed gives the same video)")
+                    trim_silence = gr.Checkbox(False, label="Trim leading and trailing silence")
+                    normalize_loudness = gr.Checkbox(False, label="Normalise loudness (EBU R128, -23 LUFS)")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Cancel", elem_id="cancel")
+            with gr.Column():
+                video = gr.Video(label="Video", streaming=True, autoplay=True, elem_id="video")
+                status = gr.Markdown(elem_id="status")
+                download = gr.File(label="MP4 to download", elem_id="download")
+        gr.Examples(EXAMPLES, inputs=[image, audio, prompt])
+        task_id = gr.State(None)
+        event = run.click(generate, [image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness],
+                          [video, status, download, task_id], concurrency_limit=1, show_progress="minimal")
+        stop.click(cancel, [task_id], None, cancels=[event])
+    return demo
+
+
+def main(args) -> int:
+    from liveavatar.engine.worker import load_pipeline
+
+    # Gradio reads this when it would send usage statistics: none leave the machine (the Blocks' own
+    # analytics_enabled=False also skips its version check).
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="liveavatar-app-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.ckpt_dir, args.lora_path_dmd, args.device, args.dtype, args.offload_model)
+    worker = EngineWorker(pipe, max_queue=args.max_queue)
+    try:
+        build_app(worker, work_dir, args.size).queue(max_size=args.max_queue).launch(
+            server_name=args.server_name, server_port=args.server_port, allowed_paths=[str(work_dir)], share=False,
+            theme=THEME,
+        )
+    finally:
+        worker.shutdown()
+    return 0

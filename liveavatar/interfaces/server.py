@@ -1,0 +1,448 @@
+"""`liveavatar serve`: an HTTP API for generation jobs and live sessions (FastAPI), and a player page.
+
+Jobs (a reference image, a speech file, a prompt and options, uploaded as multipart form data):
+
+    POST /jobs                       submit; 202 with the job's id (429 when the queue is full)
+    GET  /jobs/{id}                  state, queue position, progress, result or error
+    GET  /jobs/{id}/live             the job's fragmented MP4 while it is written (plays in <video>, ffplay)
+    GET  /jobs/{id}/video            the finished MP4
+    POST /jobs/{id}/cancel           a queued job never starts, a running one stops after its current block
+
+Live sessions (speech pushed while the avatar is generated, see liveavatar.engine.live):
+
+    POST /sessions                   image + prompt + options; 201 with the session's id
+    WS   /sessions/{id}/ws           push 16 kHz mono s16le PCM (binary); receive JSON events (text) and the
+                                     session's fragmented MP4 (binary); the session ends when it closes
+    GET  /sessions/{id}/video        the session's video for further viewers (from the newest block on)
+    POST /sessions/{id}/close
+
+    GET /health, GET /openapi.json, GET /player (the page)
+
+Every request runs on one engine thread with one model (liveavatar.engine.worker); uploads are kept in the
+work folder under generated names and never used by their client-given names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from liveavatar.engine.job import JobResult, JobSpec
+from liveavatar.engine.live import LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
+from liveavatar.engine.worker import FINISHED, JobTask, QueueFull, SessionTask, EngineWorker
+from liveavatar.errors import InputError, LiveAvatarError
+from liveavatar.media import audio as audio_io
+from liveavatar.media import image as image_io
+from liveavatar.media.video import PARTIAL_SUFFIX
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+FOLLOW_POLL_S = 0.05  # how often a live MP4 response looks for new bytes
+FOLLOW_CHUNK = 1 << 16
+SESSION_CONNECT_S = 60.0  # a session whose WebSocket never connects is closed after this
+OUTPUT_NAME = "output.mp4"
+
+
+class UploadTooLarge(HTTPException):
+    """Raised while the body is read; an HTTPException, so that FastAPI's form parsing passes it on."""
+
+    def __init__(self, detail: str):
+        super().__init__(413, detail)
+
+
+class UploadLimit:
+    """Refuses request bodies over `max_bytes` (413), by Content-Length and by counting what arrives."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and int(length) > self.max_bytes:
+            response = JSONResponse({"detail": self.message()}, status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise UploadTooLarge(self.message())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def message(self) -> str:
+        return f"request too large: uploads are limited to {self.max_bytes / 2**20:.0f} MB in all"
+
+
+def _save_upload(upload: UploadFile, path: Path, field: str) -> None:
+    if upload is None or not upload.filename:
+        raise HTTPException(400, f"{field}: no file uploaded")
+    with path.open("wb") as out:
+        shutil.copyfileobj(upload.file, out)
+
+
+def _check_upload(check, path: Path, upload: UploadFile, field: str) -> None:
+    """Runs a loader on a saved upload; its error names the client's file name, not the server's path."""
+    try:
+        check(path)
+    except InputError as e:
+        raise HTTPException(400, f"{field} ({upload.filename}): {str(e).replace(str(path), upload.filename)}") from None
+
+
+def _check_size(size: str) -> None:
+    try:
+        image_io.parse_size(size)
+    except InputError as e:
+        raise HTTPException(422, f"size: {e}") from None
+
+
+def _job_view(worker: EngineWorker, task: JobTask) -> dict:
+    view = {
+        "id": task.id, "state": task.state, "position": worker.position(task), "error": task.error,
+        "submitted": task.submitted, "started": task.started, "finished": task.finished,
+        "links": {"self": f"/jobs/{task.id}", "live": f"/jobs/{task.id}/live", "video": f"/jobs/{task.id}/video"},
+    }
+    if task.progress is not None:
+        p = task.progress
+        view["progress"] = {"blocks_done": p.blocks_done, "blocks_total": p.blocks_total, "frames_done": p.frames_done,
+                            "frames_total": p.frames_total, "elapsed_s": round(p.elapsed_s, 3)}
+    if task.first_block_s is not None:
+        view["first_block_s"] = round(task.first_block_s, 3)
+    if task.result is not None:
+        r: JobResult = task.result
+        view["result"] = {"frames": r.frames, "clips": r.clips, "width": r.width, "height": r.height,
+                          "seconds": round(r.seconds, 3), "fps": round(r.fps, 3), "first_frame_s": round(r.first_frame_s, 3)}
+    return view
+
+
+def _session_view(worker: EngineWorker, task: SessionTask) -> dict:
+    return {
+        "id": task.id, "state": task.state, "position": worker.position(task), "error": task.error,
+        "blocks_done": task.session.blocks_done,
+        "links": {"ws": f"/sessions/{task.id}/ws", "video": f"/sessions/{task.id}/video"},
+    }
+
+
+async def _follow_file(task: JobTask, output: Path):
+    """The job's MP4 from its first byte, following the partial file as it grows, until the job ends."""
+    partial = Path(str(output) + PARTIAL_SUFFIX)
+    handle = None
+    while handle is None:
+        for path in (partial, output):  # the partial file becomes the output at the end
+            try:
+                handle = path.open("rb")
+                break
+            except FileNotFoundError:
+                continue
+        if handle is None:
+            if task.state in FINISHED:
+                return
+            await asyncio.sleep(FOLLOW_POLL_S)
+    with handle:
+        while True:
+            chunk = handle.read(FOLLOW_CHUNK)
+            if chunk:
+                yield chunk
+                continue
+            if task.state in FINISHED:
+                while chunk := handle.read(FOLLOW_CHUNK):  # what was written before the end was seen
+                    yield chunk
+                return
+            await asyncio.sleep(FOLLOW_POLL_S)
+
+
+def _subscribe_async(session: LiveSession) -> tuple[asyncio.Queue, object]:
+    """An asyncio queue that receives the session's events (they come from the engine thread)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def deliver(event):
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    session.subscribe(deliver)
+    return events, deliver
+
+
+def _block_json(info: LiveBlock) -> str:
+    return json.dumps({"type": "block", **info.__dict__})
+
+
+def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, default_size: str = "704*384") -> FastAPI:
+    work_dir = Path(work_dir).resolve()
+    app = FastAPI(
+        title="liveavatar",
+        description="Talking-avatar video from an image, speech and a prompt: jobs, live output and live sessions.",
+        docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; /openapi.json is served
+    )
+    app.state.worker = worker
+
+    @app.get("/health")
+    def health() -> dict:
+        running = worker.running
+        return {"status": "ok", "device": str(worker.pipe.device), "queued": worker.queued,
+                "max_queue": worker.max_queue, "running": running.id if running else None}
+
+    # ------------------------------------------------------------------ jobs
+    @app.post("/jobs", status_code=202)
+    def submit_job(
+        image: UploadFile = File(..., description="reference image (PNG, JPEG, WebP, ...)"),
+        audio: UploadFile = File(..., description="speech: wav, mp3, flac, m4a, ogg, ..."),
+        prompt: str = Form("A person is talking."),
+        size: str = Form(default_size, description="pixel budget W*H, e.g. 704*384 or 384*256"),
+        num_clip: int | None = Form(None, ge=1, description="clips of 48 frames (default: cover the audio)"),
+        sample_steps: int = Form(4, ge=1, le=50),
+        seed: int = Form(42),
+        trim_silence: bool = Form(False),
+        normalize_loudness: bool = Form(False),
+    ) -> dict:
+        _check_size(size)
+        job_id = uuid.uuid4().hex
+        folder = work_dir / "jobs" / job_id
+        folder.mkdir(parents=True)
+        try:
+            image_path, audio_path = folder / "image", folder / "audio"
+            _save_upload(image, image_path, "image")
+            _save_upload(audio, audio_path, "audio")
+            _check_upload(image_io.load_image, image_path, image, "image")
+            _check_upload(audio_io.load_audio, audio_path, audio, "audio")
+            spec = JobSpec(image=image_path, audio=audio_path, prompt=prompt, output=folder / OUTPUT_NAME, size=size,
+                           num_clip=num_clip, sample_steps=sample_steps, seed=seed, trim_silence=trim_silence,
+                           normalize_loudness=normalize_loudness)
+            task = worker.submit(JobTask(kind="job", id=job_id, spec=spec))
+        except QueueFull as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(429, str(e), headers={"Retry-After": "10"}) from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return _job_view(worker, task)
+
+    def job(job_id: str) -> JobTask:
+        task = worker.tasks.get(job_id)
+        if not isinstance(task, JobTask):
+            raise HTTPException(404, f"no job {job_id}")
+        return task
+
+    @app.get("/jobs")
+    def list_jobs() -> list[dict]:
+        return [_job_view(worker, t) for t in list(worker.tasks.values()) if isinstance(t, JobTask)]
+
+    @app.get("/jobs/{job_id}")
+    def job_status(job_id: str) -> dict:
+        return _job_view(worker, job(job_id))
+
+    @app.get("/jobs/{job_id}/video", response_class=FileResponse)
+    def job_video(job_id: str):
+        task = job(job_id)
+        if task.state != "done":
+            hint = f": {task.error}" if task.error else " (its live output is at /jobs/{id}/live)".format(id=job_id)
+            raise HTTPException(409, f"job {job_id} is {task.state}{hint}")
+        return FileResponse(task.spec.output, media_type="video/mp4", filename=f"liveavatar-{job_id}.mp4")
+
+    @app.get("/jobs/{job_id}/live", response_class=StreamingResponse)
+    def job_live(job_id: str):
+        task = job(job_id)
+        if task.state in ("failed", "cancelled") and task.progress is None:
+            raise HTTPException(409, f"job {job_id} is {task.state} and produced no video" +
+                                (f": {task.error}" if task.error else ""))
+        return StreamingResponse(_follow_file(task, task.spec.output), media_type="video/mp4",
+                                 headers={"Cache-Control": "no-store"})
+
+    @app.post("/jobs/{job_id}/cancel")
+    def cancel_job(job_id: str) -> dict:
+        task = job(job_id)
+        if task.state in FINISHED:
+            raise HTTPException(409, f"job {job_id} is already {task.state}")
+        worker.cancel(task)
+        return _job_view(worker, task)
+
+    # ------------------------------------------------------------------ live sessions
+    @app.post("/sessions", status_code=201)
+    async def create_session(
+        image: UploadFile = File(..., description="reference image"),
+        prompt: str = Form("A person is talking."),
+        size: str = Form("384*256", description="pixel budget W*H; small sizes keep up with real time"),
+        sample_steps: int = Form(4, ge=1, le=50),
+        seed: int = Form(42),
+        rolling_sink: bool = Form(True, description="after the first clip, the first generated frame becomes the reference"),
+    ) -> dict:
+        _check_size(size)
+        session_id = uuid.uuid4().hex
+        folder = work_dir / "sessions" / session_id
+        folder.mkdir(parents=True)
+        image_path = folder / "image"
+        try:
+            _save_upload(image, image_path, "image")
+            _check_upload(image_io.load_image, image_path, image, "image")
+            session = LiveSession(SessionOptions(image_path, prompt, size, sample_steps, seed, rolling_sink))
+            task = worker.submit(SessionTask(kind="session", id=session_id, session=session))
+        except QueueFull as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(429, str(e), headers={"Retry-After": "10"}) from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        async def close_unclaimed():
+            await asyncio.sleep(SESSION_CONNECT_S)
+            if not task.connected:
+                worker.cancel(task)
+
+        app.state.background = getattr(app.state, "background", set())
+        watcher = asyncio.ensure_future(close_unclaimed())
+        app.state.background.add(watcher)
+        watcher.add_done_callback(app.state.background.discard)
+        return _session_view(worker, task)
+
+    def session_task(session_id: str) -> SessionTask:
+        task = worker.tasks.get(session_id)
+        if not isinstance(task, SessionTask):
+            raise HTTPException(404, f"no session {session_id}")
+        return task
+
+    @app.get("/sessions/{session_id}")
+    def session_status(session_id: str) -> dict:
+        return _session_view(worker, session_task(session_id))
+
+    @app.post("/sessions/{session_id}/close")
+    def close_session(session_id: str) -> dict:
+        task = session_task(session_id)
+        worker.cancel(task)
+        return _session_view(worker, task)
+
+    @app.get("/sessions/{session_id}/video", response_class=StreamingResponse)
+    def session_video(session_id: str):
+        task = session_task(session_id)
+        if task.state in FINISHED:
+            raise HTTPException(409, f"session {session_id} has ended")
+
+        async def follow():
+            events, deliver = _subscribe_async(task.session)
+            try:
+                while True:
+                    event = await events.get()
+                    if event[0] == "init":
+                        yield event[1]
+                    elif event[0] == "block":
+                        yield event[2]
+                    else:
+                        yield event[2]
+                        return
+            finally:
+                task.session.unsubscribe(deliver)
+
+        return StreamingResponse(follow(), media_type="video/mp4", headers={"Cache-Control": "no-store"})
+
+    @app.websocket("/sessions/{session_id}/ws")
+    async def session_socket(websocket: WebSocket, session_id: str):
+        task = worker.tasks.get(session_id)
+        if not isinstance(task, SessionTask) or task.state in FINISHED or task.connected:
+            await websocket.close(code=4404, reason=f"no open session {session_id} without a client")
+            return
+        task.connected = True
+        await websocket.accept()
+        await websocket.send_text(json.dumps({"type": "session", **_session_view(worker, task)}))
+        events, deliver = _subscribe_async(task.session)
+
+        async def send_events():
+            while True:
+                event = await events.get()
+                if event[0] == "init":
+                    await websocket.send_text(json.dumps({"type": "init", "mime": mime_type(event[1])}))
+                    await websocket.send_bytes(event[1])
+                elif event[0] == "block":
+                    await websocket.send_text(_block_json(event[1]))
+                    await websocket.send_bytes(event[2])
+                else:
+                    if event[2]:
+                        await websocket.send_bytes(event[2])
+                    await websocket.send_text(json.dumps({"type": "end", "error": event[1]}))
+                    return
+
+        async def receive_speech():
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("bytes") is not None:
+                    data = message["bytes"]
+                    if len(data) % 2:
+                        await websocket.send_text(json.dumps({"type": "error", "detail": "speech must be 16-bit PCM: an even number of bytes"}))
+                        continue
+                    try:
+                        task.session.push(np.frombuffer(data, "<i2").astype(np.float32) / 32768)
+                    except SpeechQueueFull as e:
+                        await websocket.send_text(json.dumps({"type": "error", "detail": str(e)}))
+                    except LiveAvatarError:  # closed meanwhile; the "end" event follows
+                        return
+                elif json.loads(message.get("text") or "{}").get("type") == "close":
+                    worker.cancel(task)
+
+        sender = asyncio.ensure_future(send_events())
+        receiver = asyncio.ensure_future(receive_speech())
+        try:
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if receiver.done():  # the client left or asked to close: end the session, send what is left
+                worker.cancel(task)
+                await sender
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            sender.cancel()
+            receiver.cancel()
+            task.session.unsubscribe(deliver)
+            worker.cancel(task)
+            try:
+                await websocket.close()
+            except RuntimeError:  # already closed by the client
+                pass
+
+    # ------------------------------------------------------------------ the page
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return RedirectResponse("/player")
+
+    @app.get("/player", include_in_schema=False)
+    def player():
+        return FileResponse(STATIC_DIR / "player.html", media_type="text/html")
+
+    app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
+    return app
+
+
+def main(args) -> int:
+    import uvicorn
+
+    from liveavatar.engine.worker import load_pipeline
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.ckpt_dir, args.lora_path_dmd, args.device, args.dtype, args.offload_model)
+    log.info("model ready in %.1f s; work folder %s", time.perf_counter() - t0, work_dir)
+    worker = EngineWorker(pipe, max_queue=args.max_queue)
+    app = create_app(worker, work_dir, args.max_upload_mb, args.size)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    finally:
+        worker.shutdown()
+    return 0

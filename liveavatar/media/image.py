@@ -198,5 +198,5 @@ def prepare_reference(img: Image.Image, height: int, width: int) -> np.ndarray:
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """uint8 HWC -> float32 ``[3, H, W]`` in [-1, 1], computed as ToTensor() * 2 - 1."""
-    chw = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
+    chw = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # a writable copy
     return chw.to(torch.float32).div(255).mul(2).sub(1)

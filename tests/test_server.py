@@ -1,0 +1,310 @@
+"""The job and live-session API (`liveavatar serve`) against the tiny golden checkpoints on CPU, over HTTP."""
+
+import io
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from conftest import CKPT, REPO, requires_golden
+
+pytestmark = requires_golden
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+from websockets.sync.client import connect  # noqa: E402
+
+from liveavatar.engine.live import (  # noqa: E402
+    JITTER_S, LiveMP4Muxer, LiveSpeech, SessionClosed, init_segment_length, mime_type,
+)
+from liveavatar.engine.pipeline import LiveAvatarPipeline  # noqa: E402
+from liveavatar.engine.worker import EngineWorker  # noqa: E402
+from liveavatar.interfaces.server import create_app  # noqa: E402
+from liveavatar.media.audio import load_audio  # noqa: E402
+from liveavatar.media.video import read_video  # noqa: E402
+
+FACE, SPEECH = REPO / "examples" / "face.png", REPO / "examples" / "speech.wav"
+SIZE = "128*128"  # the tiny model makes a 128x128 block in well under a second on CPU
+POLL_S = 0.1
+MAX_POLLS = 1200  # every wait below is bounded: 2 minutes at most
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(app):
+    """Runs an ASGI app with uvicorn on 127.0.0.1 and a free port; stops it on exit."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(MAX_POLLS):
+        if server.started:
+            break
+        time.sleep(POLL_S)
+    assert server.started, "the server did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return LiveAvatarPipeline.from_pretrained(CKPT, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def server(pipe, tmp_path_factory):
+    worker = EngineWorker(pipe, max_queue=2)
+    work_dir = tmp_path_factory.mktemp("serve")
+    app = create_app(worker, work_dir, max_upload_mb=2, default_size=SIZE)
+    with serve_in_thread(app) as url:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client, worker, work_dir
+    worker.shutdown()
+
+
+def submit(client, **form):
+    with FACE.open("rb") as image, SPEECH.open("rb") as audio:
+        return client.post("/jobs", files={"image": ("face.png", image), "audio": ("speech.wav", audio)},
+                           data={k: str(v) for k, v in form.items()})
+
+
+def wait_until(predicate, what: str):
+    for _ in range(MAX_POLLS):
+        value = predicate()
+        if value:
+            return value
+        time.sleep(POLL_S)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_health_and_openapi(server):
+    client, worker, _ = server
+    health = client.get("/health").json()
+    assert health == {"status": "ok", "device": "cpu", "queued": 0, "max_queue": 2, "running": None}
+    schema = client.get("/openapi.json").json()
+    for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/live", "/jobs/{job_id}/video", "/jobs/{job_id}/cancel",
+                 "/sessions", "/sessions/{session_id}/video", "/health"):
+        assert path in schema["paths"], path
+    fields = schema["components"]["schemas"]["Body_submit_job_jobs_post"]["properties"]
+    assert {"image", "audio", "prompt", "size", "num_clip", "sample_steps", "seed"} <= set(fields)
+    page = client.get("/player")
+    assert page.status_code == 200 and "<video" in page.text
+
+
+def test_job_progress_live_output_and_download(server):
+    client, worker, work_dir = server
+    t0 = time.perf_counter()
+    response = submit(client, num_clip=1, seed=7)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["state"] in ("queued", "running")
+    # The live MP4 is followed while the job writes it; the response ends when the job does.
+    live, first_bytes_s, states_seen = bytearray(), None, set()
+    with client.stream("GET", job["links"]["live"]) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"] == "video/mp4"
+        for chunk in stream.iter_bytes():
+            if first_bytes_s is None:
+                first_bytes_s = time.perf_counter() - t0
+                states_seen.add(client.get(f"/jobs/{job['id']}").json()["state"])
+            live += chunk
+    status = client.get(f"/jobs/{job['id']}").json()
+    assert states_seen == {"running"}, "the first bytes arrived while the job was running"
+    assert status["state"] == "done"
+    assert status["progress"] == {**status["progress"], "blocks_done": 4, "blocks_total": 4, "frames_done": 45, "frames_total": 45}
+    assert status["result"]["frames"] == 45 and (status["result"]["width"], status["result"]["height"]) == (128, 128)
+    print(f"\njob: first block after {status['first_block_s']:.2f} s, first live bytes after {first_bytes_s:.2f} s "
+          f"(from submit), job {status['result']['seconds']:.2f} s")
+
+    video = client.get(job["links"]["video"])
+    assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+    assert bytes(live) == video.content, "the live stream is the job's MP4, byte for byte"
+    (work_dir / "download.mp4").write_bytes(video.content)
+    frames, fps, audio, rate = read_video(work_dir / "download.mp4")
+    assert frames.shape == (45, 128, 128, 3) and fps == 25 and rate == 16000 and len(audio) > 0
+    # Uploads and outputs stay in the job's folder under generated names.
+    folder = work_dir / "jobs" / job["id"]
+    assert {p.name for p in folder.iterdir()} >= {"image", "audio", "output.mp4"}
+    assert not list(folder.glob("*.png")) and not list(folder.glob("*.wav"))
+
+
+def test_bad_requests_name_what_is_wrong(server):
+    client, _, work_dir = server
+    with SPEECH.open("rb") as audio:
+        r = client.post("/jobs", files={"image": ("cat.png", b"not an image"), "audio": ("speech.wav", audio)})
+    assert r.status_code == 400 and r.json()["detail"].startswith("image (cat.png): not an image file")
+    with FACE.open("rb") as image:
+        r = client.post("/jobs", files={"image": ("face.png", image), "audio": ("talk.wav", b"RIFF....WAVEfmt ")})
+    assert r.status_code == 400 and r.json()["detail"].startswith("audio (talk.wav): ")
+    assert str(work_dir) not in r.json()["detail"]
+    with FACE.open("rb") as image:
+        r = client.post("/jobs", files={"image": ("face.png", image)})
+    assert r.status_code == 422 and any(e["loc"] == ["body", "audio"] for e in r.json()["detail"])
+    r = submit(client, size="huge")
+    assert r.status_code == 422 and r.json()["detail"].startswith("size: invalid size 'huge'")
+    r = submit(client, sample_steps=0)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sample_steps"]
+    r = client.post("/jobs", files={"image": ("big.png", b"\0" * (3 * 2**20)), "audio": ("a.wav", b"\0")})
+    assert r.status_code == 413 and "limited to 2 MB" in r.json()["detail"]
+    assert client.get("/jobs/0123").status_code == 404
+    assert len(list((work_dir / "jobs").iterdir())) == len(client.get("/jobs").json()), "refused uploads are not kept"
+
+
+def test_full_queue_answers_429_and_jobs_cancel(server):
+    client, worker, _ = server
+    running = submit(client, num_clip=3).json()
+    wait_until(lambda: client.get(f"/jobs/{running['id']}").json()["state"] == "running", "the first job to start")
+    waiting = [submit(client, num_clip=1) for _ in range(2)]
+    assert [r.status_code for r in waiting] == [202, 202]
+    assert [r.json()["position"] for r in waiting] == [1, 2]
+    refused = submit(client, num_clip=1)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "10"
+    assert refused.json()["detail"].startswith("the queue is full (2 requests waiting)")
+
+    for r in waiting:  # queued jobs never start
+        assert client.post(f"/jobs/{r.json()['id']}/cancel").json()["state"] == "cancelled"
+    assert client.post(f"/jobs/{waiting[0].json()['id']}/cancel").status_code == 409
+    wait_until(lambda: (client.get(f"/jobs/{running['id']}").json().get("progress") or {}).get("blocks_done"),
+               "the first block")
+    client.post(f"/jobs/{running['id']}/cancel")
+    status = wait_until(lambda: (s := client.get(f"/jobs/{running['id']}").json())["state"] != "running" and s,
+                        "the cancelled job to stop")
+    assert status["state"] == "cancelled"
+    assert status["progress"]["blocks_done"] < status["progress"]["blocks_total"] == 12
+    assert client.get(running["links"]["video"]).status_code == 409
+    assert client.get("/health").json()["running"] is None
+
+
+def test_live_session_speaks_pushed_speech_in_order_then_idles(server):
+    client, _, _ = server
+    r = client.post("/sessions", files={"image": ("face.png", FACE.read_bytes())}, data={"size": SIZE})
+    assert r.status_code == 201, r.text
+    session = r.json()
+    speech = load_audio(SPEECH)[: 3 * 16000]  # 3 s, pushed as a microphone would: 100 ms every 100 ms
+    pcm = (np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes()
+    chunk = 3200  # bytes: 1600 samples
+    url = client.base_url.copy_with(scheme="ws", path=session["links"]["ws"])
+    blocks, video, end = [], bytearray(), None
+    with connect(str(url), max_size=None) as ws:
+        hello = json.loads(ws.recv(timeout=30))
+        assert hello["type"] == "session" and hello["id"] == session["id"]
+        t_push = time.perf_counter()
+
+        pushed_at = []  # (samples pushed so far, when)
+
+        def push():
+            for i in range(0, len(pcm), chunk):
+                ws.send(pcm[i : i + chunk])
+                pushed_at.append((min(len(speech), (i + chunk) // 2), time.perf_counter()))
+                time.sleep(0.1)
+
+        pusher = threading.Thread(target=push)
+        pusher.start()
+        first_block_s = first_video_s = None
+        for _ in range(2000):  # bounded: each message is one event or one piece of video
+            message = ws.recv(timeout=60)
+            if isinstance(message, bytes):
+                video += message
+                first_video_s = first_video_s or time.perf_counter() - t_push
+                continue
+            event = json.loads(message)
+            if event["type"] == "init":
+                assert event["mime"].startswith('video/mp4; codecs="avc1.')
+            elif event["type"] == "block":
+                first_block_s = first_block_s or time.perf_counter() - t_push
+                event["received"] = time.perf_counter()
+                blocks.append(event)
+                spoken = sum(b["speech_samples"] for b in blocks)
+                if spoken == len(speech) and sum(not b["speech_samples"] for b in blocks) == 3 and not pusher.is_alive():
+                    ws.send(json.dumps({"type": "close"}))
+            elif event["type"] == "end":
+                end = event
+                break
+        pusher.join()
+    assert end == {"type": "end", "error": None}
+    # Latency of speech: from the push of a window's last sample to its block arriving (compute + queueing).
+    latency = [b["received"] - next(t for n, t in pushed_at if n >= b["speech_start"] + b["speech_samples"])
+               for b in blocks if b["speech_samples"]]
+    print(f"\nlive session: first block {first_block_s:.2f} s and first video bytes {first_video_s:.2f} s after the "
+          f"first speech chunk (session start-up included); speech-to-block latency mean {np.mean(latency):.2f} s, "
+          f"max {np.max(latency):.2f} s; {len(blocks)} blocks")
+
+    assert [b["index"] for b in blocks] == list(range(len(blocks)))
+    assert [b["first_frame"] for b in blocks] == list(np.cumsum([0] + [b["frames"] for b in blocks[:-1]]))
+    assert [b["frames"] for b in blocks] == [9] + [12] * (len(blocks) - 1)
+    # Speech comes back in order with no gap and nothing twice: each block continues where the last ended.
+    assert [b["speech_start"] for b in blocks] == list(np.cumsum([0] + [b["speech_samples"] for b in blocks[:-1]]))
+    speaking = [b for b in blocks if b["speech_samples"]]
+    assert sum(b["speech_samples"] for b in speaking) == len(speech)
+    assert all(b["padded_samples"] == 0 for b in speaking[1:-1]), "silence inserted in the middle of the speech"
+    # After the speech the avatar stays alive: the stream goes on with idle blocks until it is closed.
+    assert blocks[-1]["speech_samples"] == 0 and blocks[-1]["index"] > speaking[-1]["index"]
+
+    with av.open(io.BytesIO(bytes(video))) as container:
+        frames = [f for f in container.decode(video=0)]
+    assert len(frames) == sum(b["frames"] for b in blocks)
+    assert [i for i, f in enumerate(frames) if f.key_frame] == [b["first_frame"] for b in blocks]
+    assert client.get(f"/sessions/{session['id']}").json()["state"] == "done"
+
+
+def test_session_errors(server):
+    client, _, _ = server
+    r = client.post("/sessions", files={"image": ("x.png", b"nope")}, data={"size": SIZE})
+    assert r.status_code == 400 and r.json()["detail"].startswith("image (x.png): not an image file")
+    assert client.get("/sessions/unknown").status_code == 404
+
+
+def test_live_speech_waits_for_speech_and_idles_on_silence(pipe):
+    speech = LiveSpeech(pipe.audio_encoder)
+    layers, channels = pipe.audio_encoder.model.config.num_hidden_layers + 1, pipe.audio_encoder.model.config.hidden_size
+    t0 = time.monotonic()
+    idle = speech.block(0, 12)  # nothing pushed: returns once real time has passed the window
+    assert time.monotonic() - t0 >= 0.48 + JITTER_S - 0.01
+    assert idle.shape == (1, layers, channels, 12) and not idle.any()
+    assert speech.window(0).speech_samples == 0
+    wave = load_audio(SPEECH)
+    speech.push(wave[16000 : 16000 + 7680 + 100])
+    features = speech.block(1, 12)
+    window = speech.window(1)
+    assert (window.speech_start, window.speech_samples) == (0, 7680)
+    np.testing.assert_array_equal(window.samples, wave[16000 : 16000 + 7680])
+    assert features.shape == (1, layers, channels, 12) and features.abs().amax(dim=(0, 1, 2)).min() > 0
+    assert speech.queued_seconds == pytest.approx(100 / 16000)
+    speech.close()
+    with pytest.raises(SessionClosed):
+        speech.block(2, 12)
+
+
+def test_live_muxer_fragments_keyframes_and_late_join():
+    muxer = LiveMP4Muxer(64, 64)
+    rng = np.random.default_rng(0)
+    output, keyframes, first_frames = b"", [], []
+    for b, n in enumerate([9, 12, 12, 12]):
+        first_frames.append(muxer.frames)
+        data, keyframe_at = muxer.write_block(rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8),
+                                              np.zeros(n * 640, np.float32))
+        output += data
+        keyframes.append(keyframe_at)
+        assert len(output) >= keyframe_at and muxer.frames - 1 <= len(output)  # the block left the muxer
+    output += muxer.close()
+    init = output[: init_segment_length(output)]
+    assert mime_type(init).startswith('video/mp4; codecs="avc1.') and mime_type(init).endswith(', mp4a.40.2"')
+    assert all(output[k + 4 : k + 8] == b"moof" for k in keyframes[1:])
+    with av.open(io.BytesIO(output)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 45 and [i for i, f in enumerate(frames) if f.key_frame] == first_frames
+    with av.open(io.BytesIO(init + output[keyframes[2] :])) as container:  # a viewer joining at block 2
+        assert len(list(container.decode(video=0))) == 24

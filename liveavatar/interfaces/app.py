@@ -94,8 +94,9 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                 partial = Path(str(spec.output) + PARTIAL_SUFFIX)
                 yield gr.skip(), "Cancelled: the video generated so far can be downloaded.", \
                     str(partial) if partial.exists() else None, None
-            elif task.state != DONE:
-                raise gr.Error(f"Generation failed: {task.error}")
+            elif task.state != DONE:  # named by the user's file names, not the job folder's
+                error = task.error.replace(str(image_path), Path(image).name).replace(str(audio_path), Path(audio).name)
+                raise gr.Error(f"Generation failed: {error}")
             else:
                 yield gr.skip(), (f"Done: {result.frames} frames ({result.width}x{result.height}) in {result.seconds:.1f} s, "
                                   f"first block after {task.first_block_s:.1f} s."), str(result.output), None

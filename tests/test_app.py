@@ -1,0 +1,116 @@
+"""The Gradio web UI (`liveavatar app`): its generate handler streams playable chunks and ends with the MP4,
+Cancel stops the job, bad inputs are named, and starting it opens no connection off this machine."""
+
+import sys
+
+import pytest
+import torch
+
+from conftest import CKPT, REPO, requires_golden
+
+pytestmark = requires_golden
+gr = pytest.importorskip("gradio")
+httpx = pytest.importorskip("httpx")
+
+from liveavatar.engine.pipeline import LiveAvatarPipeline  # noqa: E402
+from liveavatar.engine.worker import EngineWorker  # noqa: E402
+from liveavatar.interfaces.app import THEME, build_app  # noqa: E402
+from liveavatar.media.video import read_video  # noqa: E402
+from test_server import free_port  # noqa: E402
+
+FACE, SPEECH = str(REPO / "examples" / "face.png"), str(REPO / "examples" / "speech.wav")
+INPUTS = dict(prompt="A person talking", size="128*128", sample_steps=4, seed=3, trim_silence=False,
+              normalize_loudness=False)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    pipe = LiveAvatarPipeline.from_pretrained(CKPT, device="cpu", dtype=torch.float32)
+    worker = EngineWorker(pipe, max_queue=2)
+    demo = build_app(worker, tmp_path_factory.mktemp("app"), default_size="128*128")
+    yield demo, worker
+    worker.shutdown()
+
+
+def handler(demo, name):
+    return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
+def run_generate(demo, image=FACE, audio=SPEECH, num_clip=1, **changes):
+    values = {**INPUTS, **changes}
+    return handler(demo, "generate")(image, audio, values["prompt"], values["size"], num_clip, values["sample_steps"],
+                                     values["seed"], values["trim_silence"], values["normalize_loudness"])
+
+
+def test_generate_streams_one_playable_chunk_per_block_then_the_mp4(app):
+    demo, _ = app
+    outputs = list(run_generate(demo, num_clip=1))
+    chunks = [o[0] for o in outputs if isinstance(o[0], str)]
+    assert len(chunks) == 4
+    for path, frames in zip(chunks, [9, 12, 12, 12]):
+        video, fps, audio, rate = read_video(path)
+        assert video.shape == (frames, 128, 128, 3) and fps == 25 and rate == 16000
+        assert len(audio) == pytest.approx(frames * 640, abs=1024)  # the block's own speech
+    statuses = [o[1] for o in outputs]
+    assert statuses[0].startswith("Preparing")
+    for status, block, frame in zip(statuses[1:5], range(1, 5), [9, 21, 33, 45]):
+        assert status.startswith(f"Generating: block {block} of 4, frame {frame} of 45")
+    done = outputs[-1]
+    assert done[1].startswith("Done: 45 frames (128x128)")
+    final, _, _, _ = read_video(done[2])
+    assert final.shape == (45, 128, 128, 3)
+    assert all(o[2] is None for o in outputs[:-1]), "the download appears only at the end"
+
+
+def test_cancel_stops_the_job_and_offers_what_was_made(app):
+    demo, worker = app
+    outputs = run_generate(demo, num_clip=3)
+    first = next(outputs)
+    task_id = first[3]
+    next(outputs)  # the first block
+    handler(demo, "cancel")(task_id)
+    rest = list(outputs)
+    assert rest[-1][1] == "Cancelled: the video generated so far can be downloaded."
+    partial, _, _, _ = read_video(rest[-1][2])
+    assert 9 <= len(partial) < 9 + 11 * 12
+    assert worker.tasks[task_id].state == "cancelled"
+
+
+def test_missing_or_bad_inputs_are_named(app):
+    demo, _ = app
+    with pytest.raises(gr.Error, match="Add a reference image"):
+        next(run_generate(demo, image=None))
+    with pytest.raises(gr.Error, match="Add speech"):
+        next(run_generate(demo, audio=None))
+    with pytest.raises(gr.Error, match="Size: invalid size 'big'"):
+        next(run_generate(demo, size="big"))
+    outputs = run_generate(demo, audio=FACE)  # an image where the speech should be
+    next(outputs)
+    with pytest.raises(gr.Error) as failed:
+        list(outputs)
+    assert failed.value.message == "Generation failed: file has no audio stream: face.png"
+
+
+def test_launch_binds_loopback_and_connects_nowhere_else(app):
+    demo, _ = app
+    seen = []
+    active = [True]
+
+    def audit(event, args):
+        if active[0] and event in ("socket.connect", "socket.getaddrinfo"):
+            seen.append((event, args[1] if event == "socket.connect" else args[0]))
+
+    sys.addaudithook(audit)  # hooks cannot be removed; this one goes quiet after the test
+    port = free_port()
+    try:
+        demo.queue(max_size=2).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                                      quiet=True, theme=THEME)
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
+        assert page.status_code == 200 and "liveavatar" in page.text
+        theme = httpx.get(f"http://127.0.0.1:{port}/theme.css", timeout=30)
+        assert theme.status_code == 200 and "system-ui" in theme.text and "googleapis" not in theme.text
+    finally:
+        demo.close()
+        active[0] = False
+    hosts = {target[0] if isinstance(target, tuple) else target for _, target in seen}
+    assert hosts and hosts <= {"127.0.0.1", "localhost", "::1"}, seen

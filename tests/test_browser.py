@@ -1,0 +1,156 @@
+"""Headless Chromium (Debian's, driven by Playwright) against the web UI and the player page: the video
+plays while the job is still generating, the live session plays back, and the screenshots are not blank."""
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CKPT, REPO, requires_golden
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [
+    requires_golden,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed (Debian package chromium)"),
+]
+sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+pytest.importorskip("gradio")
+
+from liveavatar.engine.pipeline import LiveAvatarPipeline  # noqa: E402
+from liveavatar.engine.worker import EngineWorker  # noqa: E402
+from liveavatar.interfaces.app import THEME, build_app  # noqa: E402
+from liveavatar.interfaces.server import create_app  # noqa: E402
+from test_server import free_port, serve_in_thread  # noqa: E402
+
+FACE, SPEECH = str(REPO / "examples" / "face.png"), str(REPO / "examples" / "speech.wav")
+# Never a browser download: the system's Chromium, with nothing that talks to the network by itself.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+POLL_MS = 100
+MAX_POLLS = 1200  # 2 minutes at most per wait
+
+
+@pytest.fixture(scope="module")
+def worker():
+    pipe = LiveAvatarPipeline.from_pretrained(CKPT, device="cpu", dtype=torch.float32)
+    worker = EngineWorker(pipe, max_queue=2)
+    yield worker
+    worker.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.hosts = set()
+    page.on("request", lambda request: page.hosts.add(request.url.split("/")[2]))
+    yield page
+    page.close()
+
+
+def assert_not_blank(png: bytes, what: str, path: Path) -> None:
+    path.write_bytes(png)
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 10, f"{what} screenshot is blank ({path})"
+
+
+def watch_playback(page, video_selector: str, finished_js: str) -> dict:
+    """Polls until `finished_js` is true; records whether the video's time advanced before that."""
+    record = {"played_before_end": 0.0, "first_play_poll": None}
+    for poll in range(MAX_POLLS):
+        current, finished = page.evaluate(
+            f"() => {{ const v = document.querySelector({video_selector!r}); return [v ? v.currentTime : 0, {finished_js}]; }}")
+        if finished:
+            record["polls"] = poll
+            return record
+        if current > 0 and record["first_play_poll"] is None:
+            record["first_play_poll"] = poll
+        record["played_before_end"] = max(record["played_before_end"], current)
+        page.wait_for_timeout(POLL_MS)
+    raise AssertionError("the job did not finish")
+
+
+def test_gradio_app_plays_while_generating(worker, page, tmp_path):
+    demo = build_app(worker, tmp_path, default_size="128*128")
+    port = free_port()
+    demo.queue(max_size=2).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                                  theme=THEME)
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.set_input_files("#image input[type=file]", FACE)
+        page.set_input_files("#audio input[type=file]", SPEECH)
+        page.wait_for_selector("#image img", timeout=30000)
+        page.wait_for_function("() => /0:0[0-9]/.test(document.querySelector('#audio').innerText)", timeout=30000)
+        t0 = time.perf_counter()
+        page.click("#generate")
+        record = watch_playback(page, "#video video", "!!document.querySelector('#download a')")
+        status = page.inner_text("#status")
+        assert status.startswith("Done: 237 frames (128x128)"), status
+        assert record["played_before_end"] > 0, "the video did not play before the job finished"
+        print(f"\napp: video playing {record['first_play_poll'] * POLL_MS / 1000:.1f} s after Generate "
+              f"(poll resolution {POLL_MS} ms); job done after {time.perf_counter() - t0:.1f} s; {status}")
+        assert_not_blank(page.locator("#video video").screenshot(), "app video", tmp_path / "app-video.png")
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        assert page.hosts == {f"127.0.0.1:{port}"}, page.hosts
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def server(worker, tmp_path_factory):
+    app = create_app(worker, tmp_path_factory.mktemp("serve"), default_size="128*128")
+    with serve_in_thread(app) as url:
+        yield url
+
+
+def test_player_page_plays_a_job_while_it_is_written(server, page, tmp_path):
+    page.goto(f"{server}/player")
+    page.set_input_files("#job-form input[name=image]", FACE)
+    page.set_input_files("#job-form input[name=audio]", SPEECH)
+    page.fill("#job-form input[name=size]", "128*128")
+    page.fill("#job-form input[name=num_clip]", "3")
+    page.click("#job-start")
+    record = watch_playback(page, "#job-video", "!!window.liveavatar.job && window.liveavatar.job.state === 'done'")
+    assert record["played_before_end"] > 0, "the job's live MP4 did not play before the job finished"
+    view = page.evaluate("() => window.liveavatar.job.view")
+    print(f"\nplayer (job): playing {record['first_play_poll'] * POLL_MS / 1000:.1f} s after submit, job "
+          f"{view['result']['seconds']:.1f} s, first block {view['first_block_s']:.1f} s")
+    assert view["progress"]["frames_done"] == 141
+    assert page.is_visible("#job-download")
+    assert_not_blank(page.locator("#job-video").screenshot(), "player job video", tmp_path / "player-job.png")
+    assert page.hosts == {server.split("/")[2]}, page.hosts
+
+
+def test_player_page_live_session_plays_back(server, page, tmp_path):
+    page.goto(f"{server}/player")
+    page.set_input_files("#session-form input[name=image]", FACE)
+    page.set_input_files("#session-speech", SPEECH)
+    page.fill("#session-form input[name=size]", "128*128")
+    page.click("#session-start")
+    # Played for 2 s of video while speech is still being spoken: the stream is live.
+    for _ in range(MAX_POLLS):
+        played = page.evaluate("() => document.querySelector('#session-video').currentTime")
+        if played > 2:
+            break
+        page.wait_for_timeout(POLL_MS)
+    state = page.evaluate("() => window.liveavatar.session")
+    assert played > 2 and not state["ended"] and state["error"] is None
+    assert [b["index"] for b in state["blocks"]] == list(range(len(state["blocks"])))
+    print(f"\nplayer (session): first block {(state['firstBlockAt'] - state['firstSpeechAt']) / 1000:.2f} s and playback "
+          f"{(state['firstPlaybackAt'] - state['firstSpeechAt']) / 1000:.2f} s after the first speech chunk "
+          f"(session start-up included)")
+    assert_not_blank(page.locator("#session-video").screenshot(), "live session video", tmp_path / "player-session.png")
+    page.click("#session-stop")
+    page.wait_for_function("() => window.liveavatar.session.ended", timeout=60000)
+    assert page.evaluate("() => window.liveavatar.session.error") is None

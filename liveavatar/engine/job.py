@@ -244,7 +244,7 @@ def run_job(
         if isinstance(e, torch.cuda.OutOfMemoryError):
             raise OutOfMemory(
                 f"GPU out of memory at {cond.width}x{cond.height}: use a smaller --size (e.g. 688*368 or 384*256), "
-                f"--offload_model True, or --fp8; the {stream.frames_emitted} frames made so far are in {partial} "
+                f"--offload_model True, or --fp8; the {writer.frames_written} frames made so far are in {partial} "
                 f"(rerun with --resume to continue)"
             ) from None
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:

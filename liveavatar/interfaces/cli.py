@@ -187,7 +187,7 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     from liveavatar.weights import hub
 
     output = args.save_file or _default_output(args)
-    _setup_logging(args.log_level, output.with_suffix(".log"))
+    _setup_logging(args.log_level, None)
     _check_compat(args)
     device, dtype = _resolve_device(args)
     spec = JobSpec(
@@ -197,6 +197,7 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
         normalize_loudness=args.normalize_loudness,
     )
     preflight(spec)
+    _setup_logging(args.log_level, output.with_suffix(".log"))  # only once the output folder is known good
     log.info("run: %s", " ".join(sys.argv))
     log.info("device %s (%s), torch %s", device, dtype, torch.__version__)
     if args.ckpt_dir is not None:

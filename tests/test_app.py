@@ -2,6 +2,7 @@
 Cancel stops the job, bad inputs are named, and starting it opens no connection off this machine."""
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,13 +45,17 @@ def run_generate(demo, image=FACE, audio=SPEECH, num_clip=1, **changes):
 
 def test_generate_streams_one_playable_chunk_per_block_then_the_mp4(app):
     demo, _ = app
-    outputs = list(run_generate(demo, num_clip=1))
-    chunks = [o[0] for o in outputs if isinstance(o[0], str)]
+    outputs, chunks = [], []
+    for output in run_generate(demo, num_clip=1):  # each chunk is read when it is handed over, as Gradio does
+        outputs.append(output)
+        if isinstance(output[0], str):
+            chunks.append(read_video(output[0]))
     assert len(chunks) == 4
-    for path, frames in zip(chunks, [9, 12, 12, 12]):
-        video, fps, audio, rate = read_video(path)
+    for (video, fps, audio, rate), frames in zip(chunks, [9, 12, 12, 12]):
         assert video.shape == (frames, 128, 128, 3) and fps == 25 and rate == 16000
         assert len(audio) == pytest.approx(frames * 640, abs=1024)  # the block's own speech
+    folder = Path(outputs[-1][2]).parent
+    assert sorted(p.name for p in folder.glob("block-*.mp4")) == ["block-000002.mp4", "block-000003.mp4"]
     statuses = [o[1] for o in outputs]
     assert statuses[0].startswith("Preparing")
     for status, block, frame in zip(statuses[1:5], range(1, 5), [9, 21, 33, 45]):

@@ -89,6 +89,9 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                     speech = load_speech(spec)[DROPPED_FIRST_FRAMES * SAMPLE_RATE // spec.fps :]
                 chunk = folder / f"block-{item.block.index:06d}.mp4"
                 write_chunk(chunk, item, speech, spec.fps)
+                # Gradio has turned a chunk into its stream segment before it asks for the next one, so only
+                # the newest chunks are kept: a long video does not leave thousands of them behind.
+                (folder / f"block-{item.block.index - 2:06d}.mp4").unlink(missing_ok=True)
                 yield str(chunk), _status(item), None, task.id
             if task.state == CANCELLED:
                 partial = Path(str(spec.output) + PARTIAL_SUFFIX)

@@ -136,7 +136,8 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                 video = gr.Video(label="Video", streaming=True, autoplay=True, elem_id="video")
                 status = gr.Markdown(elem_id="status")
                 download = gr.File(label="MP4 to download", elem_id="download")
-        gr.Examples(EXAMPLES, inputs=[image, audio, prompt])
+        if all(Path(path).exists() for path in EXAMPLES[0][:2]):  # a source checkout ships them
+            gr.Examples(EXAMPLES, inputs=[image, audio, prompt])
         task_id = gr.State(None)
         event = run.click(generate, [image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness],
                           [video, status, download, task_id], concurrency_limit=1, show_progress="minimal")

@@ -216,3 +216,21 @@ def test_memory_is_flat_after_the_first_clips(tmp_path):
     assert growth < 20, rss
     frames, *_ = read_video(tmp_path / "long.mp4")
     assert len(frames) == 42 * 48 - 3
+
+
+def test_sink_frame_option_reaches_the_job(monkeypatch, tmp_path):
+    from liveavatar.interfaces import cli
+
+    seen = {}
+
+    def fake_run_job(pipe, spec, should_stop=None):
+        seen["rolling_sink"] = spec.rolling_sink
+        return iter(())
+
+    monkeypatch.setattr("liveavatar.engine.job.run_job", fake_run_job)
+    args = ["generate", "--image", str(CASE_T1 / "image.png"), "--audio", str(CASE_T1 / "audio.wav"),
+            "--save_file", str(tmp_path / "o.mp4"), *CPU]
+    cli.main(args + ["--sink_frame", "reference"])
+    assert seen == {"rolling_sink": False}
+    cli.main(args)
+    assert seen == {"rolling_sink": True}

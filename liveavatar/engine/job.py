@@ -56,6 +56,7 @@ class JobSpec:
     resume: bool = False
     trim_silence: bool = False
     normalize_loudness: bool = False
+    rolling_sink: bool = True  # see StreamSettings.rolling_sink
     fps: int = 25
 
     def fingerprint(self) -> str:
@@ -64,7 +65,7 @@ class JobSpec:
         for path in (self.image, self.audio):
             h.update(Path(path).read_bytes())
         for value in (self.prompt, self.size, self.num_clip, self.infer_frames, self.sample_steps, self.seed,
-                      self.trim_silence, self.normalize_loudness):
+                      self.trim_silence, self.normalize_loudness, self.rolling_sink):
             h.update(repr(value).encode())
         return h.hexdigest()
 
@@ -172,7 +173,8 @@ def run_job(
     preflight(spec)
     t_start = time.perf_counter()
     wave = load_speech(spec)
-    settings = StreamSettings(frames_per_clip=spec.infer_frames, sample_steps=spec.sample_steps, seed=spec.seed, fps=spec.fps)
+    settings = StreamSettings(frames_per_clip=spec.infer_frames, sample_steps=spec.sample_steps, seed=spec.seed,
+                              fps=spec.fps, rolling_sink=spec.rolling_sink)
     cond = pipe.prepare(spec.image, wave, spec.prompt, spec.size, fps=spec.fps, frames_per_clip=spec.infer_frames)
     num_clips = cond.num_clips if spec.num_clip is None else min(spec.num_clip, cond.num_clips)
     log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d)", cond.width, cond.height, num_clips,

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(s, "num_clip", type=int, default=None, help="clips of --infer_frames frames to generate (default: enough to cover the audio)")
     _add(s, "infer_frames", type=int, default=48, help="video frames per clip, a multiple of 12 (default: %(default)s)")
     _add(s, "sample_steps", type=int, default=4, help="denoising steps per block; the LoRA is distilled for 4 (default: %(default)s)")
+    _add(s, "sink_frame", choices=["rolling", "reference"], default="rolling",
+         help="identity anchor: 'rolling' (default, the real-time pipeline) makes the first generated frame the "
+              "reference after clip 0; 'reference' keeps the input image for the whole video")
     _add(s, "base_seed", type=int, default=42, help="seed: the same seed gives the same video on any device (default: %(default)s)")
 
     m = gen.add_argument_group("model and device")
@@ -194,7 +197,7 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
         image=args.image, audio=args.audio, prompt=args.prompt, output=output, size=args.size, num_clip=args.num_clip,
         infer_frames=args.infer_frames, sample_steps=args.sample_steps, seed=args.base_seed,
         save_latents=args.save_latents, resume=args.resume, trim_silence=args.trim_silence,
-        normalize_loudness=args.normalize_loudness,
+        normalize_loudness=args.normalize_loudness, rolling_sink=args.sink_frame == "rolling",
     )
     preflight(spec)
     _setup_logging(args.log_level, output.with_suffix(".log"))  # only once the output folder is known good

@@ -50,7 +50,8 @@ def test_generate_case_T_matches_original(tmp_path, capsys):
     assert summary["frames"] == 141 and summary["clips"] == 3 and (summary["height"], summary["width"]) == (256, 384)
     assert {"step0", "step3", "decode", "mux", "sink_prefill"} <= set(summary["stage_ms"])
     log = out.with_suffix(".log").read_text()
-    assert "device cpu" in log and "wrote" in log
+    assert "device cpu" in log and "wrote" in log and "peak memory: host" in log and "mean per block (ms)" in log
+    assert summary["peak_host_memory_gb"] > 0
 
 
 @pytest.mark.parametrize(

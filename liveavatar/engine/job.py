@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,6 +94,7 @@ class JobResult:
     resumed_from_block: int = 0
     stage_ms: dict[str, float] = field(default_factory=dict)
     peak_gpu_memory_gb: float | None = None
+    peak_host_memory_gb: float = 0.0
 
 
 def load_speech(spec: JobSpec) -> np.ndarray:
@@ -271,6 +273,7 @@ def run_job(
         first_frame_s=first_frame_s or 0.0, fps=(generated if not resumed_from else blocks_run * settings.video_frames_per_block) / loop_s,
         resumed_from_block=resumed_from, stage_ms={k: v / max(1, blocks_run) for k, v in stage_ms.items()},
         peak_gpu_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if pipe.device.type == "cuda" else None,
+        peak_host_memory_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is in KiB
     )
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary["spec"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}

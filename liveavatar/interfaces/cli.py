@@ -222,6 +222,8 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
             log.info("wrote %s: %d frames %dx%d in %.1f s (%.2f FPS generated, first frame after %.2f s)",
                      item.output, item.frames, item.width, item.height, item.seconds, item.fps, item.first_frame_s)
             log.info("mean per block (ms): %s", {k: round(v, 1) for k, v in item.stage_ms.items()})
+            gpu = f", GPU {item.peak_gpu_memory_gb:.2f} GiB" if item.peak_gpu_memory_gb is not None else ""
+            log.info("peak memory: host %.2f GiB%s", item.peak_host_memory_gb, gpu)
             print(item.output)
             return 0
         if bar is None:

@@ -97,15 +97,26 @@ def _materialise(module: nn.Module, device, generator) -> nn.Module:
     return init_like_trained(module, generator).eval().requires_grad_(False)
 
 
-def build_dit(config: S2VConfig = FULL.dit, device="cuda", dtype=torch.bfloat16, seed: int = 0) -> S2VTransformer:
-    """The S2V transformer in `dtype` (the audio encoder in float32, as the checkpoint loader keeps it)."""
+def build_dit(config: S2VConfig = FULL.dit, device="cuda", dtype=torch.bfloat16, seed: int = 0,
+              init_device=None) -> S2VTransformer:
+    """The S2V transformer in `dtype` (the audio encoder in float32, as the checkpoint loader keeps it).
+
+    init_device: where the weights are drawn, one block at a time, before they move to `device` (a GPU
+    draws 16 B random numbers in a second, a CPU in minutes); default `device`.
+    """
     with torch.device("meta"):
         model = S2VTransformer(config)
     model.to(dtype)
     for name, sub in model.named_children():
         if f"{name}." in FP32_MODULES:
             sub.float()
-    return _materialise(model, device, _generator(device, seed))
+    init_device = init_device or device
+    generator = _generator(init_device, seed)
+    for name, sub in model.named_children():
+        parts = sub if name == "blocks" else [sub]
+        for part in parts:
+            _materialise(part, init_device, generator).to(device)
+    return model.eval()
 
 
 def build_vae(base_dim: int = FULL.vae_dim, device="cuda", dtype=torch.bfloat16, seed: int = 1) -> WanVAE:
@@ -114,10 +125,13 @@ def build_vae(base_dim: int = FULL.vae_dim, device="cuda", dtype=torch.bfloat16,
     return _materialise(model.to(dtype), device, _generator(device, seed))
 
 
-def build_text_encoder(config: UMT5Config = FULL.t5, device="cuda", dtype=torch.bfloat16, seed: int = 2) -> TextEncoder:
+def build_text_encoder(config: UMT5Config = FULL.t5, device="cuda", dtype=torch.bfloat16, seed: int = 2,
+                       init_device=None) -> TextEncoder:
+    """umT5 with a word tokenizer; init_device as in build_dit."""
+    init_device = init_device or device
     with torch.device("meta"):
         model = UMT5Encoder(config)
-    model = _materialise(model.to(dtype), device, _generator(device, seed))
+    model = _materialise(model.to(dtype), init_device, _generator(init_device, seed)).to(device)
     return TextEncoder(model, word_tokenizer())
 
 
@@ -136,13 +150,17 @@ def build_audio_encoder(fields: dict = FULL.wav2vec2, device="cuda", seed: int =
 
 
 def build_pipeline(scale: ModelScale = FULL, device="cuda", dtype=torch.bfloat16, vae_dtype=None,
-                   offload_encoders: bool = False) -> LiveAvatarPipeline:
-    """All four models of a scale on `device`; the pipeline is the one `from_pretrained` returns."""
-    text = build_text_encoder(scale.t5, "cpu" if offload_encoders else device, dtype)
+                   offload_encoders: bool = False, offload_transformer: bool = False, fp8: bool = False,
+                   kv_dtype: torch.dtype | None = None, fast: bool = False) -> LiveAvatarPipeline:
+    """All four models of a scale on `device`, with the options of `LiveAvatarPipeline.from_pretrained`
+    applied the same way (`LiveAvatarPipeline.assemble`)."""
+    device = torch.device(device)
+    text = build_text_encoder(scale.t5, "cpu" if offload_encoders else device, dtype, init_device=device)
     audio = build_audio_encoder(scale.wav2vec2, "cpu" if offload_encoders else device)
     vae = build_vae(scale.vae_dim, device, vae_dtype or dtype)
-    dit = build_dit(scale.dit, device, dtype)
-    return LiveAvatarPipeline(dit, vae, text, audio, offload_encoders)
+    dit = build_dit(scale.dit, "cpu" if offload_transformer else device, dtype, init_device=device)
+    return LiveAvatarPipeline.assemble(dit, vae, text, audio, device, offload_encoders, offload_transformer, fp8,
+                                       kv_dtype, fast)
 
 
 def word_tokenizer():

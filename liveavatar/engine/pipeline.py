@@ -19,8 +19,11 @@ import torch
 from liveavatar.engine.audio_source import audio_source_for
 from liveavatar.engine.stream import AvatarStream, StreamSettings
 from liveavatar.media import image as image_io
+from liveavatar.models import fastpath
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.dit import MOTION_VIDEO_FRAMES, S2VTransformer
+from liveavatar.models.fp8 import quantize_transformer
+from liveavatar.models.offload import stream_blocks
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.weights.checkpoint import CheckpointLayout
@@ -45,9 +48,16 @@ class Conditioning:
 
 class LiveAvatarPipeline:
     def __init__(self, dit: S2VTransformer, vae: WanVAE, text_encoder: TextEncoder, audio_encoder: AudioEncoder,
-                 offload_encoders: bool = False):
+                 offload_encoders: bool = False, kv_dtype: torch.dtype | None = None, offload_kv: bool = False,
+                 fast: bool = False):
+        """kv_dtype, offload_kv: storage of the streams' ring caches (see AvatarStream). fast: the transformer
+        was set up with liveavatar.models.fastpath.compile_transformer; streams then also pick the fastest
+        attention kernel for their shapes."""
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
         self.offload_encoders = offload_encoders
+        self.kv_dtype, self.offload_kv, self.fast = kv_dtype, offload_kv, fast
+        self.attention_backend_ms: dict[str, float] = {}  # the fast path's timings of the attention kernels
+        self._attention_shape: tuple[int, int] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -62,20 +72,53 @@ class LiveAvatarPipeline:
         dtype: torch.dtype = torch.bfloat16,
         vae_dtype: torch.dtype | None = None,
         offload_encoders: bool = False,
+        offload_transformer: bool = False,
+        fp8: bool = False,
+        kv_dtype: torch.dtype | None = None,
+        fast: bool = False,
     ) -> "LiveAvatarPipeline":
-        """Loads the Wan2.2-S2V-14B models and merges the Live Avatar LoRA (default: <ckpt_dir>/LiveAvatar/)."""
+        """Loads the Wan2.2-S2V-14B models and merges the Live Avatar LoRA (default: <ckpt_dir>/LiveAvatar/).
+
+        offload_encoders: text and audio encoders stay in host memory except while they run.
+        offload_transformer: the transformer's blocks and the ring caches stay in pinned host memory and are
+          streamed to the GPU layer by layer (liveavatar.models.offload); for GPUs of 24-48 GB.
+        fp8: FP8 linear layers in the transformer (liveavatar.models.fp8).
+        kv_dtype: storage of the ring caches (torch.float8_e4m3fn halves them).
+        fast: compile the transformer (liveavatar.models.fastpath); the first block then takes a minute more.
+        """
         layout = CheckpointLayout.from_dir(ckpt_dir, lora_file)
+        device = torch.device(device)
         t0 = time.perf_counter()
         # The cheap, most often misplaced parts first, so a bad folder fails in seconds.
-        text = TextEncoder.from_pretrained(layout.wan_dir, device=device, dtype=dtype)
-        audio = AudioEncoder.from_pretrained(layout.wav2vec2_dir, device=device, dtype=torch.float32)
+        text = TextEncoder.from_pretrained(layout.wan_dir, device="cpu" if offload_encoders else device, dtype=dtype)
+        audio = AudioEncoder.from_pretrained(layout.wav2vec2_dir, device="cpu" if offload_encoders else device,
+                                             dtype=torch.float32)
         vae = WanVAE.from_checkpoint(layout.vae_file, device=device, dtype=vae_dtype or dtype)
-        dit = S2VTransformer.from_pretrained(layout.wan_dir, lora_file=layout.lora_file, device=device, dtype=dtype)
+        # Offloaded, the transformer is loaded into host memory and only its small parts go to the device.
+        dit = S2VTransformer.from_pretrained(layout.wan_dir, lora_file=layout.lora_file,
+                                             device="cpu" if offload_transformer else device, dtype=dtype)
         log.info("models loaded in %.1f s (device %s, %s)", time.perf_counter() - t0, device, dtype)
+        return cls.assemble(dit, vae, text, audio, device, offload_encoders, offload_transformer, fp8, kv_dtype, fast)
+
+    @classmethod
+    def assemble(cls, dit: S2VTransformer, vae: WanVAE, text: TextEncoder, audio: AudioEncoder, device,
+                 offload_encoders: bool = False, offload_transformer: bool = False, fp8: bool = False,
+                 kv_dtype: torch.dtype | None = None, fast: bool = False) -> "LiveAvatarPipeline":
+        """Applies the speed and memory options to loaded models (the transformer on `device`, or on the CPU
+        when offload_transformer)."""
+        device = torch.device(device)
+        if fp8:
+            quantize_transformer(dit, run_device=device)
+        if offload_transformer:
+            stream_blocks(dit, device)
+        if fast:
+            fastpath.compile_transformer(dit)
+            # The VAE's convolutions have fixed shapes per resolution: let cuDNN time its algorithms once.
+            torch.backends.cudnn.benchmark = True
         if offload_encoders:
             text.to("cpu")
             audio.to("cpu")
-        return cls(dit, vae, text, audio, offload_encoders)
+        return cls(dit, vae, text, audio, offload_encoders, kv_dtype, offload_transformer, fast)
 
     @torch.no_grad()
     def encode_reference(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,5 +162,16 @@ class LiveAvatarPipeline:
             self._off_device(audio_encoder)
         return Conditioning(height, width, pixels, ref, motion, context, audio, audio.num_clips, wave)
 
-    def stream(self, cond: Conditioning, settings: StreamSettings = StreamSettings()) -> AvatarStream:
-        return AvatarStream(self.dit, self.vae, cond.text_context, cond.ref_latent, cond.motion_latents, cond.audio, settings)
+    def stream(self, cond: Conditioning, settings: StreamSettings = StreamSettings(),
+               concurrent_decode: bool = False) -> AvatarStream:
+        stream = AvatarStream(self.dit, self.vae, cond.text_context, cond.ref_latent, cond.motion_latents, cond.audio,
+                              settings, kv_dtype=self.kv_dtype, offload_kv=self.offload_kv,
+                              cuda_graphs=self.fast and self.device.type == "cuda" and not self.offload_kv,
+                              concurrent_decode=concurrent_decode)
+        if self.fast and self.device.type == "cuda":
+            shape = (settings.latent_frames_per_block * stream.tokens_per_frame,
+                     stream.rings[0].capacity + stream.sink.keys[0].shape[1])
+            if shape != self._attention_shape:  # timed once per resolution
+                self.attention_backend_ms = fastpath.use_fastest_attention(self.dit, *shape)
+                self._attention_shape = shape
+        return stream

@@ -16,15 +16,17 @@ the sink is prefilled again; nothing else about the sink ever changes, and nothi
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import torch
 
 from liveavatar.engine import scheduler
-from liveavatar.media.video import frames_to_uint8
 from liveavatar.models.dit import S2VTransformer
+from liveavatar.models.fastpath import StepGraphs
 from liveavatar.models.kv_cache import RingCache, SinkCache
+from liveavatar.models.offload import HostRings
 from liveavatar.models.vae import StreamingDecoder, WanVAE
 
 FRAMES_PER_LATENT = 4
@@ -102,7 +104,19 @@ class AvatarStream:
         motion_latents: torch.Tensor,
         audio: AudioSource,
         settings: StreamSettings = StreamSettings(),
+        kv_dtype: torch.dtype | None = None,
+        offload_kv: bool = False,
+        cuda_graphs: bool = False,
+        concurrent_decode: bool = False,
     ):
+        """kv_dtype: storage of the ring caches (default the transformer's dtype; torch.float8_e4m3fn halves
+        their memory, see RingCache). offload_kv: keep the rings in pinned host memory, one layer at a time
+        on the device (liveavatar.models.offload.HostRings). cuda_graphs: replay the steady-state block steps
+        as CUDA graphs (liveavatar.models.fastpath.StepGraphs; GPU only, not with offload_kv).
+        concurrent_decode: run the VAE on its own CUDA stream, concurrently with the next block's steps. Off by
+        default: both saturate the GPU, and on an H100 sharing it made the pair slower than running them back
+        to back (docs/benchmarks.md). Either way the host enqueues block k+1's steps before it waits for block
+        k's frames, so muxing on the host overlaps the GPU's work."""
         self.dit, self.vae, self.audio, self.settings = dit, vae, audio, settings
         device = dit.device
         self.ref_latent = ref_latent.to(device, torch.float32)
@@ -114,15 +128,22 @@ class AvatarStream:
         self.text_kv = dit.text_kv(text_context.to(device)[None])
         cfg = dit.config
         ring_tokens = settings.latent_frames_per_clip * self.tokens_per_frame
-        self.rings = [
-            RingCache(cfg.num_layers, 1, ring_tokens, cfg.num_heads, cfg.head_dim, device, dit.dtype)
-            for _ in range(settings.sample_steps)
-        ]
+        ring_shape = (cfg.num_layers, 1, ring_tokens, cfg.num_heads, cfg.head_dim)
+        if offload_kv:
+            self.rings = HostRings(settings.sample_steps, *ring_shape, device, kv_dtype or dit.dtype, dit.dtype).rings
+        else:
+            self.rings = [RingCache(*ring_shape, device, kv_dtype or dit.dtype, dit.dtype) for _ in range(settings.sample_steps)]
         self.sink: SinkCache = dit.prefill_sink(self.ref_latent, self.motion_latents, self.text_kv)
         self.sink_replaced = False
+        self._step_graphs = StepGraphs(dit) if cuda_graphs else None
+        # The steps of block k+1 are enqueued before the host waits for block k's frames. `_ahead` is that
+        # block k+1: denoised (its keys/values are in the rings) but not yet decoded.
+        self._decode_stream = torch.cuda.Stream(device) if concurrent_decode and device.type == "cuda" else None
+        self._ahead: tuple[int, torch.Tensor, _StageClock] | None = None
         self.decoder: StreamingDecoder = vae.streaming_decoder()
-        self.decoder.decode(self.motion_latents[:, :, :DECODER_WARMUP_LATENTS])
-        self.next_block = 0
+        with self._on_decode_stream():
+            self.decoder.decode(self.motion_latents[:, :, :DECODER_WARMUP_LATENTS])
+        self.next_block = 0  # the next block `blocks()` yields
         self.frames_emitted = 0
         self._noise: tuple[int, torch.Tensor] | None = None
 
@@ -138,7 +159,8 @@ class AvatarStream:
     def denoise_step(self, k: int, step: int, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """One Euler step of block k with cache `step`: returns x moved from sigma[step] to sigma[step+1]."""
         f = self.settings.latent_frames_per_block
-        v = self.dit.forward_block(
+        forward = self._step_graphs.forward_block if self._step_graphs is not None else self.dit.forward_block
+        v = forward(
             x[None].to(self.dit.device),
             self.timesteps[step],
             audio,
@@ -155,42 +177,90 @@ class AvatarStream:
         self.ref_latent = new_ref.to(self.dit.device, torch.float32)
         self.sink = self.dit.prefill_sink(self.ref_latent, self.motion_latents, self.text_kv)
         self.sink_replaced = True
+        if self._step_graphs is not None:
+            self._step_graphs.clear()
 
     def decode_block(self, k: int, latents: torch.Tensor) -> torch.Tensor:
+        """Frames [n, H, W, 3] uint8 on the CPU of denoised block k (decoded on the current stream)."""
         video = self.decoder.decode(latents[None])
         if k == 0:
             video = video[:, :, DROPPED_FIRST_FRAMES:]
-        return torch.from_numpy(frames_to_uint8(video))
+        return _to_uint8_frames(video).cpu()
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
     def blocks(self, num_clips: int) -> Iterator[Block]:
-        s = self.settings
-        total = num_clips * s.blocks_per_clip
+        """Yields blocks next_block.. up to num_clips clips. The steps of block k+1 are enqueued right after the
+        decode of block k, before the host waits for its frames (except after block 0, whose frames come first
+        as fast as possible): nothing waits for the GPU except the hand-over of finished frames, and the
+        GPU has the next block's work while the caller muxes."""
+        total = num_clips * self.settings.blocks_per_clip
         while self.next_block < total:
             k = self.next_block
-            timings: dict[str, float] = {}
-            if s.rolling_sink and k == s.blocks_per_clip and num_clips > 1 and not self.sink_replaced:
-                t0 = time.perf_counter()
-                self.replace_sink(self._first_latent)
-                timings["sink_prefill"] = _ms(t0)
-            t0 = time.perf_counter()
-            audio = self.audio.block(k, s.video_frames_per_block).to(self.dit.device)
-            timings["audio"] = _ms(t0)
-            x = self.noise_for_block(k).to(self.dit.device)
-            for step in range(s.sample_steps):
-                t0 = time.perf_counter()
-                x = self.denoise_step(k, step, x, audio)
-                timings[f"step{step}"] = _ms(t0)
-            if k == 0:
-                self._first_latent = x[None, :, :1].clone()
-            t0 = time.perf_counter()
-            frames = self.decode_block(k, x)
-            timings["decode"] = _ms(t0)
-            block = Block(k, k // s.blocks_per_clip, x.float().cpu(), frames, self.frames_emitted, timings)
+            if self._ahead is None:
+                clock = _StageClock(self.dit.device)
+                self._ahead = (k, self._denoise(k, clock), clock)
+            _, x, clock = self._ahead
+            decoding = self._start_decode(k, x, clock)
+            self._ahead = None
+            if 0 < k < total - 1:
+                ahead_clock = _StageClock(self.dit.device)
+                self._ahead = (k + 1, self._denoise(k + 1, ahead_clock), ahead_clock)
+            block = self._finish_decode(decoding)
             self.next_block += 1
-            self.frames_emitted += len(frames)
+            self.frames_emitted += len(block.frames)
             yield block
+
+    def _denoise(self, k: int, clock: "_StageClock") -> torch.Tensor:
+        """Enqueues all denoising steps of block k (and the sink replacement due before it); returns its latents."""
+        s = self.settings
+        device = self.dit.device
+        if s.rolling_sink and k == s.blocks_per_clip and not self.sink_replaced:
+            with clock.stage("sink_prefill"):
+                self.replace_sink(self._first_latent)
+        with clock.stage("audio"):
+            audio = _to_device(self.audio.block(k, s.video_frames_per_block), device)
+        x = _to_device(self.noise_for_block(k), device)
+        for step in range(s.sample_steps):
+            with clock.stage(f"step{step}"):
+                x = self.denoise_step(k, step, x, audio)
+        if k == 0:
+            self._first_latent = x[None, :, :1].clone()
+        return x
+
+    def _start_decode(self, k: int, x: torch.Tensor, clock: "_StageClock") -> tuple:
+        """Enqueues the decode of block k (on the decode stream on a GPU) and the copies of its frames and
+        latents into host memory."""
+        side = self._decode_stream
+        with self._on_decode_stream():
+            if side is not None:
+                x.record_stream(side)  # the allocator must not hand x's memory to block k+1 before the decode read it
+            with clock.stage("decode"):
+                video = self.decoder.decode(x[None])
+                if k == 0:
+                    video = video[:, :, DROPPED_FIRST_FRAMES:]
+                frames = _to_host(_to_uint8_frames(video))
+                latents = _to_host(x.float())
+            done = None
+            if x.device.type == "cuda":  # marks the end of this decode, whatever is enqueued after it
+                done = torch.cuda.Event()
+                done.record()
+        return k, frames, latents, clock, done
+
+    def _on_decode_stream(self):
+        """Work on the decode stream, after everything enqueued so far on the current one. The decoder's
+        causal cache is only ever allocated and used there."""
+        if self._decode_stream is None:
+            return nullcontext()
+        self._decode_stream.wait_stream(torch.cuda.current_stream(self._decode_stream.device))
+        return torch.cuda.stream(self._decode_stream)
+
+    def _finish_decode(self, decoding: tuple) -> Block:
+        k, frames, latents, clock, done = decoding
+        if done is not None:
+            done.synchronize()
+        s = self.settings
+        return Block(k, k // s.blocks_per_clip, latents, frames, self.frames_emitted, clock.read())
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
@@ -205,6 +275,8 @@ class AvatarStream:
         }
         if self.next_block > 0:
             state["first_latent"] = self._first_latent.to("cpu", copy=True)
+        if self._ahead is not None:  # denoised already (the rings hold it), decoded by the next blocks() call
+            state["ahead_latents"] = self._ahead[1].to("cpu", copy=True)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,10 +286,73 @@ class AvatarStream:
             self._first_latent = state["first_latent"].to(self.dit.device)
         if state["sink_replaced"]:
             self.replace_sink(state["ref_latent"])
-        self.decoder.load_state_dict(state["decoder"])
+        with self._on_decode_stream():
+            self.decoder.load_state_dict(state["decoder"])
         for ring, rs in zip(self.rings, state["rings"]):
             ring.load_state_dict(rs)
+        self._ahead = None
+        if "ahead_latents" in state:
+            self._ahead = (self.next_block, state["ahead_latents"].to(self.dit.device), _StageClock(self.dit.device))
 
 
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000
+class _StageClock:
+    """Durations of one block's stages: CUDA events on a GPU (read once the block is finished, so timing
+    never makes the host wait), the wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, tuple] = {}
+
+    def stage(self, name: str):
+        return _Stage(self, name)
+
+    def read(self) -> dict[str, float]:
+        if not self.cuda:
+            return {name: (end - start) * 1000 for name, (start, end) in self.marks.items()}
+        out = {}
+        for name, (start, end) in self.marks.items():
+            end.synchronize()
+            out[name] = start.elapsed_time(end)
+        return out
+
+
+class _Stage:
+    def __init__(self, clock: _StageClock, name: str):
+        self.clock, self.name = clock, name
+
+    def _mark(self):
+        if self.clock.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def __enter__(self):
+        self.start = self._mark()
+
+    def __exit__(self, *exc):
+        self.clock.marks[self.name] = (self.start, self._mark())
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy that does not make the host wait for the GPU (from pinned memory), or t itself if already there."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Starts the copy of a device tensor into pinned host memory; valid once the current stream gets there."""
+    if t.device.type == "cpu":
+        return t.contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def _to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """Decoded video [1, 3, n, H, W] in [-1, 1] -> [n, H, W, 3] uint8 on the same device, with the arithmetic of
+    liveavatar.media.video.frames_to_uint8 (float32 (x+1)/2*255, truncated), so the GPU ships 4x fewer bytes."""
+    x = video[0].to(torch.float32).clamp(-1, 1)
+    return ((x + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0).contiguous()

@@ -115,8 +115,15 @@ class AudioInjector(nn.Module):
         Returns x with the injection added (float32).
         """
         j = self.layer_to_injector[layer]
+        return self.inject(self.injector_adain_layers[j], self.injector[j], x, audio_tokens, audio_global)
+
+    @staticmethod
+    def inject(
+        adain: AdaptiveLayerNorm, attn: CrossAttention, x: torch.Tensor, audio_tokens: torch.Tensor, audio_global: torch.Tensor
+    ) -> torch.Tensor:
+        """One injection with the given modules; a static method so that one compiled version serves all of them."""
         b, frames = audio_tokens.shape[:2]
         per_frame = x.reshape(b * frames, -1, x.shape[-1])
-        h = self.injector_adain_layers[j](per_frame, audio_global.flatten(0, 1)[:, 0])
-        out = self.injector[j](h, audio_tokens.flatten(0, 1))
+        h = adain(per_frame, audio_global.flatten(0, 1)[:, 0])
+        out = attn(h, audio_tokens.flatten(0, 1))
         return x + out.reshape(x.shape).float()

@@ -161,6 +161,19 @@ class S2VTransformer(nn.Module):
         self.audio_injector = AudioInjector(c.dim, c.num_heads, list(c.audio_inject_layers), c.eps)
         self.trainable_cond_mask = nn.Embedding(3, c.dim)  # 0 noisy, 1 reference, 2 motion
         self.frame_packer = FramePacker(c.dim, c.framepack_buckets)
+        # RoPE rotation of [B, L, heads, d] tensors and the streaming step's self-attention kernel;
+        # liveavatar.models.fastpath swaps in a compiled rotation and the fastest attention backend.
+        self.rotate = rope.apply_rope
+        self.self_attention = attention
+        # Set by liveavatar.models.offload when the blocks live in host memory: called before block i runs.
+        self.block_streamer = None
+
+    def layers(self):
+        """(index, block) in depth order, each on the device when it is handed out (see `block_streamer`)."""
+        for i, block in enumerate(self.blocks):
+            if self.block_streamer is not None:
+                self.block_streamer.before(i)
+            yield i, block
 
     # ------------------------------------------------------------------ conditioning helpers
     @property
@@ -170,6 +183,19 @@ class S2VTransformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
+
+    @property
+    def rope_dtype(self) -> torch.dtype:
+        """RoPE is computed in float64 for a float32 model (the reference's precision) and in float32 for
+        reduced-precision ones, whose bf16 keys could not hold the difference."""
+        return torch.float64 if self.dtype == torch.float32 else torch.float32
+
+    def timestep(self, t: float | torch.Tensor) -> torch.Tensor:
+        """A timestep as a float32 [1] tensor on the model's device, made there (no host-to-device copy)
+        unless it already is a device tensor."""
+        if isinstance(t, torch.Tensor) and t.device == self.device:
+            return t.to(torch.float32).reshape(1)
+        return torch.full((1,), float(t), dtype=torch.float32, device=self.device)
 
     def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer cross-attention keys/values for a text context [B, L, 4096].
@@ -181,7 +207,7 @@ class S2VTransformer(nn.Module):
         padded = context.new_zeros(b, self.config.text_len, context.shape[-1])
         padded[:, :length] = context
         emb = self.text_embedding(padded.to(self.dtype))
-        return [blk.cross_attn.context_kv(emb) for blk in self.blocks]
+        return [blk.cross_attn.context_kv(emb) for _, blk in self.layers()]
 
     def time_embedding_at(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B] timesteps -> (e [B, D], e0 [B, 6, D]) in float32."""
@@ -225,12 +251,12 @@ class S2VTransformer(nn.Module):
 
     def ref_rope(self, grid: tuple[int, int], frame: int) -> torch.Tensor:
         rows, cols = grid
-        return rope.grid_multipliers([frame], range(rows), range(cols), self.config.head_dim).to(self.device)
+        return rope.grid_multipliers(range(frame, frame + 1), range(rows), range(cols), self.config.head_dim, self.device)
 
     def noisy_rope(self, start_frame: int, num_frames: int, grid: tuple[int, int]) -> torch.Tensor:
         rows, cols = grid
         frames = range(start_frame, start_frame + num_frames)
-        return rope.grid_multipliers(frames, range(rows), range(cols), self.config.head_dim).to(self.device)
+        return rope.grid_multipliers(frames, range(rows), range(cols), self.config.head_dim, self.device)
 
     def unpatchify(self, tokens: torch.Tensor, num_frames: int, grid: tuple[int, int]) -> torch.Tensor:
         """[B, F*h'*w', out*pt*ph*pw] -> [B, out, F*pt, h'*ph, w'*pw]."""
@@ -251,7 +277,7 @@ class S2VTransformer(nn.Module):
         The sink attends only to itself, with the reference at its base RoPE frame. No audio is injected.
         """
         x, motion_rope, grid = self.embed_sink(ref, motion)
-        sink_rope = torch.cat([self.ref_rope(grid, REF_ROPE_FRAME), motion_rope])
+        sink_rope = rope.rotation_table(torch.cat([self.ref_rope(grid, REF_ROPE_FRAME), motion_rope]), self.rope_dtype)
         _, e0 = self.time_embedding_at(torch.zeros(1, device=self.device))
         time_mod = e0[:, None]  # [1, 1, 6, D]
         cache = SinkCache(motion_rope=motion_rope, ref_grid=grid)
@@ -259,10 +285,10 @@ class S2VTransformer(nn.Module):
         def attend(q, k, v):
             cache.keys.append(k)
             cache.values.append(v)
-            return attention(rope.apply_rope(q, sink_rope), rope.apply_rope(k, sink_rope), v)
+            return attention(self.rotate(q, sink_rope), self.rotate(k, sink_rope), v)
 
         last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
+        for i, block in self.layers():
             x = block(x, time_mod, attend, text_kv[i], skip_post_attention=i == last)
         return cache
 
@@ -285,38 +311,63 @@ class S2VTransformer(nn.Module):
           so identity stays a little ahead of the current block however long the stream.
         The block's keys/values are written into `ring`, which must belong to this step.
         """
+        num_frames, h, w = x.shape[2:]
+        grid = (h // 2, w // 2)
+        start = start_frame * grid[0] * grid[1]
+        inputs = self.block_step_inputs(t, num_frames, grid, start_frame, ref_roll, sink)
+        v = self.block_step(x, audio, *inputs, text_kv, sink, ring, start)
+        ring.written = max(ring.written, start + num_frames * grid[0] * grid[1])
+        return v
+
+    def block_step_inputs(
+        self, t: float | torch.Tensor, num_frames: int, grid: tuple[int, int], start_frame: int, ref_roll: int, sink: SinkCache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The small per-call tensors of a block step, made on the device: time embedding (e, e0) and the RoPE
+        tables of the block's tokens and of the sink (whose reference position rolls with the block)."""
+        e, e0 = self.time_embedding_at(self.timestep(t))
+        noisy_rope = rope.rotation_table(self.noisy_rope(start_frame, num_frames, grid), self.rope_dtype)
+        ref_frame = REF_ROPE_FRAME + max(0, start_frame - REF_ROPE_FRAME + ref_roll)
+        sink_rope = rope.rotation_table(torch.cat([self.ref_rope(sink.ref_grid, ref_frame), sink.motion_rope]), self.rope_dtype)
+        return e, e0, noisy_rope, sink_rope
+
+    def block_step(
+        self,
+        x: torch.Tensor,
+        audio: torch.Tensor,
+        e: torch.Tensor,
+        e0: torch.Tensor,
+        noisy_rope: torch.Tensor,
+        sink_rope: torch.Tensor,
+        text_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        sink: SinkCache,
+        ring: RingCache,
+        start: int,
+    ) -> torch.Tensor:
+        """The velocity of a block step from its inputs. Besides tensors it depends only on the ring position
+        `start` (absolute token offset) and the ring's fill, so that liveavatar.models.fastpath can capture it
+        in a CUDA graph. Does not update ring.written."""
         b, _, num_frames, h, w = x.shape
         grid = (h // 2, w // 2)
-        tokens_per_frame = grid[0] * grid[1]
-        start = start_frame * tokens_per_frame
-        end = start + num_frames * tokens_per_frame
-
+        end = start + num_frames * grid[0] * grid[1]
         tokens = self.embed_noisy(x)
-        t = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(1)
-        e, e0 = self.time_embedding_at(t)
         time_mod = e0[:, None]
         audio_global, audio_local = self.audio_tokens(audio, num_frames)
-
-        noisy_rope = self.noisy_rope(start_frame, num_frames, grid)
-        ref_frame = REF_ROPE_FRAME + max(0, start_frame - REF_ROPE_FRAME + ref_roll)
-        sink_rope = torch.cat([self.ref_rope(sink.ref_grid, ref_frame), sink.motion_rope])
 
         layer = 0
 
         def attend(q, k, v):
-            k = rope.apply_rope(k, noisy_rope)
+            k = self.rotate(k, noisy_rope)
             ring.write(layer, start, k, v)
             hist_k, hist_v = ring.valid(layer, end)
-            sink_k = rope.apply_rope(sink.keys[layer], sink_rope)
+            sink_k = self.rotate(sink.keys[layer], sink_rope)
             keys = torch.cat([hist_k, sink_k], dim=1)
             values = torch.cat([hist_v, sink.values[layer]], dim=1)
-            return attention(rope.apply_rope(q, noisy_rope), keys, values)
+            return self.self_attention(self.rotate(q, noisy_rope), keys, values)
 
-        for layer, block in enumerate(self.blocks):
+        for layer, block in self.layers():
             tokens = block(tokens, time_mod, attend, text_kv[layer])
             if layer in self.audio_injector.layer_to_injector:
                 tokens = self.audio_injector(layer, tokens, audio_local, audio_global)
-        ring.written = max(ring.written, end)
 
         out = self.head(tokens, e[:, None])
         return self.unpatchify(out, num_frames, grid).float()
@@ -347,8 +398,9 @@ class S2VTransformer(nn.Module):
         n_noisy = tokens.shape[1]
         sink, motion_rope, ref_grid = self.embed_sink(ref, motion)
         tokens = torch.cat([tokens, sink], dim=1)
-        full_rope = torch.cat(
-            [self.noisy_rope(0, num_frames, grid), self.ref_rope(ref_grid, REF_ROPE_FRAME), motion_rope]
+        full_rope = rope.rotation_table(
+            torch.cat([self.noisy_rope(0, num_frames, grid), self.ref_rope(ref_grid, REF_ROPE_FRAME), motion_rope]),
+            self.rope_dtype,
         )
 
         e, e0 = self.time_embedding_at(torch.cat([t.reshape(1).float().to(self.device), t.new_zeros(1).to(self.device)]))
@@ -359,9 +411,9 @@ class S2VTransformer(nn.Module):
         text_kv = self.text_kv(context)
 
         def attend(q, k, v):
-            return attention(rope.apply_rope(q, full_rope), rope.apply_rope(k, full_rope), v)
+            return attention(self.rotate(q, full_rope), self.rotate(k, full_rope), v)
 
-        for layer, block in enumerate(self.blocks):
+        for layer, block in self.layers():
             tokens = block(tokens, time_mod, attend, text_kv[layer])
             if layer in self.audio_injector.layer_to_injector:
                 noisy = self.audio_injector(layer, tokens[:, :n_noisy], audio_local, audio_global)

@@ -52,12 +52,16 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, D] -> q, k, v [B, L, heads, d] (no RoPE: that depends on the caller's positions)."""
         b, length, _ = x.shape
         q = self.norm_q(self.q(x)).view(b, length, self.num_heads, -1)
         k = self.norm_k(self.k(x)).view(b, length, self.num_heads, -1)
         v = self.v(x).view(b, length, self.num_heads, -1)
-        return self.o(attend(q, k, v).flatten(2))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        return self.o(attend(*self.qkv(x)).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -73,10 +77,15 @@ class CrossAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The model's dtype (the norms'; the projections may hold FP8 weights)."""
+        return self.norm_q.weight.dtype
+
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of a context; the text's are computed once per prompt and reused every call."""
         b, length, _ = context.shape
-        context = context.to(self.k.weight.dtype)
+        context = context.to(self.compute_dtype)
         k = self.norm_k(self.k(context)).view(b, length, self.num_heads, -1)
         v = self.v(context).view(b, length, self.num_heads, -1)
         return k, v
@@ -89,7 +98,7 @@ class CrossAttention(nn.Module):
     ) -> torch.Tensor:
         b, length, _ = x.shape
         k, v = kv if kv is not None else self.context_kv(context)
-        q = self.norm_q(self.q(x.to(self.q.weight.dtype))).view(b, length, self.num_heads, -1)
+        q = self.norm_q(self.q(x.to(self.compute_dtype))).view(b, length, self.num_heads, -1)
         return self.o(attention(q, k, v).flatten(2))
 
 
@@ -117,21 +126,40 @@ class TransformerBlock(nn.Module):
 
         `skip_post_attention` stops after the self-attention residual, for the sink prefill's last layer
         whose remaining output nobody reads.
+        The two halves around the attention are separate methods so that they can be compiled once for
+        all layers, with the attention (which differs between callers) left outside.
         """
-        dtype = self.modulation.dtype
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + time_mod).unbind(2)
-        dim = x.shape[-1]
+        mod = self.modulation.float()[:, None] + time_mod
+        q, k, v = self.self_attention_inputs(x, mod)
+        return self.after_self_attention(x, attend(q, k, v), mod, text_kv, skip_post_attention)
 
-        h = F.layer_norm(x, (dim,), eps=self.eps) * (1 + scale1) + shift1
-        x = x + self.self_attn(h.to(dtype), attend).float() * gate1
+    def self_attention_inputs(self, x: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Modulated LayerNorm, then q, k, v. mod [B, L or 1, 6, D] is modulation + time_mod."""
+        shift1, scale1 = mod[:, :, 0], mod[:, :, 1]
+        h = F.layer_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale1) + shift1
+        return self.self_attn.qkv(h.to(self.modulation.dtype))
+
+    def after_self_attention(
+        self,
+        x: torch.Tensor,
+        attn: torch.Tensor,
+        mod: torch.Tensor,
+        text_kv: tuple[torch.Tensor, torch.Tensor],
+        skip_post_attention: bool = False,
+    ) -> torch.Tensor:
+        """Output projection and gated residual of the self-attention result attn [B, L, heads, d], then
+        text cross-attention and the gated FFN."""
+        gate1, shift2, scale2, gate2 = mod[:, :, 2], mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
+        dim = x.shape[-1]
+        x = x + self.self_attn.o(attn.flatten(2)).float() * gate1
         if skip_post_attention:
             return x
 
         h = F.layer_norm(x, (dim,), self.norm3.weight.float(), self.norm3.bias.float(), self.norm3.eps)
-        x = x + self.cross_attn(h.to(dtype), kv=text_kv).float()
+        x = x + self.cross_attn(h.to(self.modulation.dtype), kv=text_kv).float()
 
         h = F.layer_norm(x, (dim,), eps=self.eps) * (1 + scale2) + shift2
-        return x + self.ffn(h.to(dtype)).float() * gate2
+        return x + self.ffn(h.to(self.modulation.dtype)).float() * gate2
 
 
 class Head(nn.Module):

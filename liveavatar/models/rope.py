@@ -18,24 +18,34 @@ def axis_dims(head_dim: int) -> tuple[int, int, int]:
     return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
 
 
+def _positions(seq: Sequence[int], device) -> torch.Tensor:
+    """Integer positions as float64 on `device`; a range is generated there (no host-to-device copy, so
+    the streaming loop never waits for the GPU to build its RoPE tables)."""
+    if isinstance(seq, range):
+        return torch.arange(seq.start, seq.stop, seq.step, dtype=torch.float64, device=device)
+    return torch.as_tensor(list(seq), dtype=torch.float64).to(device)
+
+
 def _axis_angles(positions: torch.Tensor, pairs: int, theta: float = 10000.0) -> torch.Tensor:
-    """[N] positions -> [N, pairs] float64 angles pos * theta^(-2j/(2*pairs))."""
-    inv = 1.0 / torch.pow(theta, torch.arange(0, 2 * pairs, 2, dtype=torch.float64) / (2 * pairs))
-    return positions.to(torch.float64)[:, None] * inv[None, :]
+    """[N] float64 positions -> [N, pairs] float64 angles pos * theta^(-2j/(2*pairs))."""
+    exponents = torch.arange(0, 2 * pairs, 2, dtype=torch.float64, device=positions.device) / (2 * pairs)
+    inv = 1.0 / torch.pow(theta, exponents)
+    return positions[:, None] * inv[None, :]
 
 
 def grid_multipliers(
-    frames: Sequence[int], rows: Sequence[int], cols: Sequence[int], head_dim: int
+    frames: Sequence[int], rows: Sequence[int], cols: Sequence[int], head_dim: int, device=None
 ) -> torch.Tensor:
-    """Complex128 multipliers [len(frames)*len(rows)*len(cols), head_dim/2] for tokens in (f, h, w) order.
+    """Complex128 multipliers [len(frames)*len(rows)*len(cols), head_dim/2] for tokens in (f, h, w) order,
+    computed on `device` (default CPU).
 
     Negative frame positions give the conjugate rotation, which is what polar(1, angle) does for
     a negative angle, so signed positions need no special case.
     """
     pf, ph, pw = axis_dims(head_dim)
-    af = _axis_angles(torch.as_tensor(list(frames)), pf)
-    ah = _axis_angles(torch.as_tensor(list(rows)), ph)
-    aw = _axis_angles(torch.as_tensor(list(cols)), pw)
+    af = _axis_angles(_positions(frames, device), pf)
+    ah = _axis_angles(_positions(rows, device), ph)
+    aw = _axis_angles(_positions(cols, device), pw)
     nf, nh, nw = len(af), len(ah), len(aw)
     angles = torch.cat(
         [
@@ -53,14 +63,21 @@ def spaced_positions(extent: int, count: int) -> list[int]:
     return np.linspace(0, extent - 1, count).astype(int).tolist()
 
 
-def apply_rope(x: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
-    """Rotates x [B, L, heads, head_dim] by multipliers [L, head_dim/2].
+def rotation_table(multipliers: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Complex multipliers [L, d/2] -> real (cos, sin) pairs [L, d/2, 2] in `dtype`, the form `apply_rope` uses."""
+    return torch.view_as_real(multipliers).to(dtype)
 
-    In complex128 when the multipliers are (the reference's precision); in complex64 for speed.
-    The result has x's dtype.
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotates x [B, L, heads, head_dim] by a rotation table [L, head_dim/2, 2] (or complex multipliers [L, head_dim/2]).
+
+    Each channel pair (a, b) becomes (a cos - b sin, a sin + b cos), computed in the table's dtype: float64
+    for the reference's precision, float32 for speed. Real arithmetic rather than complex tensors, so the
+    compiler can fuse it. The result has x's dtype.
     """
-    b, length, heads, dim = x.shape
-    work = torch.float64 if multipliers.dtype == torch.complex128 else torch.float32
-    xc = torch.view_as_complex(x.to(work).reshape(b, length, heads, dim // 2, 2))
-    out = torch.view_as_real(xc * multipliers[None, :, None, :]).flatten(3)
-    return out.to(x.dtype)
+    if table.is_complex():
+        table = torch.view_as_real(table)
+    pairs = x.to(table.dtype).unflatten(-1, (-1, 2))  # [B, L, heads, d/2, 2]
+    re, im = pairs.unbind(-1)
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(3).to(x.dtype)

@@ -1,0 +1,143 @@
+"""The GPU fast path of the transformer: regional compilation and the fastest attention kernel.
+
+* Regional torch.compile: the code between two attentions (modulated LayerNorm, q/k/v projections and norms;
+  output projection, gated residuals, text cross-attention, FFN; the audio injection; RoPE) is compiled once
+  and shared by all 40 layers, so its float32 elementwise work is fused into few kernels. The attention over
+  the ring cache stays outside: its key length changes during the first clip, and it is one kernel anyway.
+* Self-attention backend: every scaled_dot_product_attention backend that the installed torch offers for the
+  stream's real shapes is timed once, and the fastest serves the self-attention of every step.
+
+Both keep the numbers of the eager model up to floating-point reassociation (the compiled kernels sum in a
+different order), which tests/test_fastpath.py checks on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from liveavatar.models import rope
+from liveavatar.models.audio_modules import AudioInjector
+from liveavatar.models.dit import S2VTransformer
+from liveavatar.models.layers import TransformerBlock, attention
+
+log = logging.getLogger(__name__)
+
+# Recompiling for each new token count (sink prefill, block step, other resolutions) keeps every kernel
+# specialised to a static shape, instead of one dynamic-shape kernel that serves them all more slowly.
+_compile = functools.partial(torch.compile, dynamic=False)
+
+
+def compile_transformer(dit: S2VTransformer) -> None:
+    """Swaps the transformer's per-layer code for compiled versions, in place (compilation happens on first use)."""
+    before = _compile(TransformerBlock.self_attention_inputs)
+    after = _compile(TransformerBlock.after_self_attention)
+    for block in dit.blocks:
+        block.self_attention_inputs = functools.partial(before, block)
+        block.after_self_attention = functools.partial(after, block)
+    dit.audio_injector.inject = _compile(AudioInjector.inject)
+    dit.rotate = _compile(rope.apply_rope)
+
+
+SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
+def time_attention_backends(q_len: int, kv_len: int, heads: int, head_dim: int, dtype: torch.dtype,
+                            device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per call of each SDPA backend that runs these shapes (backends that refuse are left out)."""
+    gen = torch.Generator(device).manual_seed(0)
+    q = torch.randn(1, q_len, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(1, kv_len, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(1, kv_len, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    times = {}
+    for backend in SDPA_BACKENDS:
+        try:
+            with sdpa_kernel(backend):
+                attention(q, k, v)  # warm-up (and the refusal, if any)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(repeats):
+                    attention(q, k, v)
+                end.record()
+                end.synchronize()
+            times[backend.name] = start.elapsed_time(end) / repeats
+        except RuntimeError as e:  # "No available kernel" for shapes or dtypes the backend does not take
+            log.info("attention backend %s unavailable: %s", backend.name, str(e).splitlines()[0])
+    return times
+
+
+def use_fastest_attention(dit: S2VTransformer, q_len: int, kv_len: int) -> dict[str, float]:
+    """Times the backends at the stream's self-attention shape and makes the transformer use the fastest.
+    Returns the timings (ms per call)."""
+    c = dit.config
+    times = time_attention_backends(q_len, kv_len, c.num_heads, c.head_dim, dit.dtype, dit.device)
+    if times:
+        best = getattr(SDPBackend, min(times, key=times.get))
+        dit.self_attention = functools.partial(_attention_with, best)
+        log.info("self-attention backend %s (%s)", best.name, {k: round(v, 2) for k, v in times.items()})
+    return times
+
+
+def _attention_with(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with sdpa_kernel(backend):
+        return attention(q, k, v)
+
+
+class StepGraphs:
+    """CUDA graphs of one stream's steady-state block steps.
+
+    Once a ring is full, a block step has fixed shapes and reads fixed tensors (text keys/values, sink, its
+    ring); only the latents, the audio features, the time embedding, the RoPE tables and the ring slot it
+    writes change. So each (ring, slot) gets a graph, captured at its first use, and every later step is a
+    copy of the small inputs and one graph launch instead of thousands of kernel launches from Python: the
+    host then finishes a block's work in milliseconds and the GPU never waits for it. The first steady step
+    of each ring runs normally, so every kernel (cuDNN plans, compiled regions) exists before a capture.
+    All graphs share one memory pool: they run one after another on one stream.
+    """
+
+    def __init__(self, dit: S2VTransformer):
+        self.dit = dit
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        self.warm: set[int] = set()
+        self.error: str | None = None  # why capturing failed, after which steps run without graphs
+
+    def clear(self) -> None:
+        """Forgets the graphs (they hold the addresses of the sink cache, which a new prefill replaces)."""
+        self.graphs.clear()
+        self.warm.clear()
+
+    @torch.no_grad()
+    def forward_block(self, x, t, audio, text_kv, sink, ring, start_frame: int, ref_roll: int) -> torch.Tensor:
+        """S2VTransformer.forward_block, through a graph once `ring` is full."""
+        dit = self.dit
+        if ring.written < ring.capacity or self.error:  # the visible history still grows: shapes change every block
+            return dit.forward_block(x, t, audio, text_kv, sink, ring, start_frame, ref_roll)
+        if id(ring) not in self.warm:
+            self.warm.add(id(ring))
+            return dit.forward_block(x, t, audio, text_kv, sink, ring, start_frame, ref_roll)
+        num_frames, h, w = x.shape[2:]
+        grid = (h // 2, w // 2)
+        start = start_frame * grid[0] * grid[1]
+        inputs = [x, audio, *dit.block_step_inputs(t, num_frames, grid, start_frame, ref_roll, sink)]
+        key = (id(ring), start % ring.capacity)
+        if key not in self.graphs:
+            static = [i.clone() for i in inputs]
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = dit.block_step(*static, text_kv, sink, ring, start)
+            except RuntimeError as e:  # a kernel that cannot be captured: keep streaming without graphs
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                log.warning("CUDA graph capture failed, continuing without graphs: %s", self.error)
+                return dit.forward_block(x, t, audio, text_kv, sink, ring, start_frame, ref_roll)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        ring.written = max(ring.written, start + num_frames * grid[0] * grid[1])
+        return out

@@ -1,0 +1,130 @@
+"""The fast and low-memory paths on the CPU: RoPE arithmetic, the split block step CUDA graphs capture, the
+static ring writes they rely on, compiled regions, streamed blocks and rings, and the pipelined stream's
+resumable state."""
+
+import copy
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks.random_models import TINY, build_pipeline
+from liveavatar.engine.stream import StreamSettings
+from liveavatar.models import fastpath, offload, rope
+from liveavatar.models.kv_cache import RingCache
+
+H, W = 8, 8  # latent size: 16 tokens per frame
+TOKENS_PER_FRAME = (H // 2) * (W // 2)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_pipeline(TINY, "cpu", torch.float32)
+
+
+def _inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 16, 3, H, W, generator=gen), torch.randn(1, 25, TINY.dit.audio_dim, 12, generator=gen))
+
+
+def _stream_velocities(dit, rings=None, blocks=6) -> torch.Tensor:
+    """Velocities of `blocks` consecutive block steps (the ring wraps after 4) with fixed random inputs."""
+    c = dit.config
+    gen = torch.Generator().manual_seed(1)
+    text_kv = dit.text_kv(torch.randn(1, 5, 4096, generator=gen))
+    sink = dit.prefill_sink(torch.randn(1, 16, 1, H, W, generator=gen), torch.randn(1, 16, 19, H, W, generator=gen), text_kv)
+    ring = rings[0] if rings else RingCache(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype)
+    out = []
+    for k in range(blocks):
+        x, audio = _inputs(10 + k)
+        out.append(dit.forward_block(x, 700.0, audio, text_kv, sink, ring, start_frame=3 * k, ref_roll=4 + k))
+    return torch.stack(out)
+
+
+def test_rope_real_arithmetic_equals_complex_rotation():
+    gen = torch.Generator().manual_seed(0)
+    mult = rope.grid_multipliers(range(-3, 2), range(4), range(3), 32)
+    x = torch.randn(2, mult.shape[0], 4, 32, generator=gen, dtype=torch.float64)
+    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * mult[None, :, None]).flatten(3)
+    torch.testing.assert_close(rope.apply_rope(x, mult), ref, rtol=1e-14, atol=1e-14)
+    table32 = rope.rotation_table(mult, torch.float32)
+    torch.testing.assert_close(rope.apply_rope(x.float(), table32), ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_positions_from_ranges_equal_listed_positions():
+    assert torch.equal(rope.grid_multipliers(range(5, 8), range(4), range(6), 64),
+                       rope.grid_multipliers([5, 6, 7], [0, 1, 2, 3], list(range(6)), 64))
+
+
+def test_block_step_is_the_forward_block_and_writes_the_ring_in_place(pipe):
+    dit = pipe.dit
+    c = dit.config
+    gen = torch.Generator().manual_seed(2)
+    text_kv = dit.text_kv(torch.randn(1, 5, 4096, generator=gen))
+    sink = dit.prefill_sink(torch.randn(1, 16, 1, H, W, generator=gen), torch.randn(1, 16, 19, H, W, generator=gen), text_kv)
+    rings = [RingCache(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype) for _ in range(2)]
+    rings[0].keys.normal_(generator=gen)
+    rings[0].values.normal_(generator=gen)
+    rings[1].load_state_dict(rings[0].state_dict())
+    for ring in rings:  # full: the steady state, where the step has static shapes
+        ring.written = ring.capacity
+    before = [ring.keys.clone() for ring in rings]
+    pointers = [ring.keys.data_ptr() for ring in rings]
+    x, audio = _inputs(3)
+    start_frame = 21  # block 7: ring slot 9 frames in
+    v = dit.forward_block(x, 500.0, audio, text_kv, sink, rings[0], start_frame, ref_roll=9)
+    inputs = dit.block_step_inputs(500.0, 3, (H // 2, W // 2), start_frame, 9, sink)
+    v2 = dit.block_step(x, audio, *inputs, text_kv, sink, rings[1], start_frame * TOKENS_PER_FRAME)
+    assert torch.equal(v, v2)
+    for ring, old, ptr in zip(rings, before, pointers):
+        assert ring.keys.data_ptr() == ptr  # written in place: a captured graph would see the same storage
+        changed = (ring.keys != old).flatten(0, 1).any(dim=-1).any(dim=-1)  # [layers*batch, tokens]
+        slot = (start_frame * TOKENS_PER_FRAME) % ring.capacity
+        assert changed[:, slot : slot + 3 * TOKENS_PER_FRAME].all() and not changed[:, :slot].any()
+    assert torch.equal(rings[0].keys, rings[1].keys)
+
+
+def test_streamed_blocks_and_rings_match_resident_ones(pipe):
+    reference = _stream_velocities(pipe.dit)
+    streamed = copy.deepcopy(pipe.dit)
+    streamer = offload.stream_blocks(streamed, "cpu")
+    assert streamer.host_bytes > 0 and len({b.self_attn.q.weight.data_ptr() for b in streamed.blocks}) == 2
+    assert torch.equal(_stream_velocities(streamed), reference)
+    c = pipe.dit.config
+    host = offload.HostRings(1, c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu",
+                             torch.float32, torch.float32)
+    assert torch.equal(_stream_velocities(pipe.dit, host.rings), reference)
+    with pytest.raises(RuntimeError, match="out of order"):
+        host.rings[0].write(5, 0, *torch.zeros(2, 1, 3 * TOKENS_PER_FRAME, c.num_heads, c.head_dim))
+
+
+def test_compiled_regions_match_eager(pipe):
+    compiled = copy.deepcopy(pipe.dit)
+    fastpath.compile_transformer(compiled)
+    torch.testing.assert_close(_stream_velocities(compiled, blocks=2), _stream_velocities(pipe.dit, blocks=2),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_pipelined_stream_resumes_from_any_block(pipe):
+    """At every yield the next block is already denoised (its keys are in the rings); the state carries it."""
+    wave = torch.randn(16000 * 6, generator=torch.Generator().manual_seed(7)).numpy() * 0.1
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "ref.png"
+        Image.new("RGB", (64, 64), (120, 80, 200)).save(image)
+        cond = pipe.prepare(image, wave, "talking", size="64*64")
+    settings = StreamSettings(seed=3)
+    first = pipe.stream(cond, settings)
+    blocks = first.blocks(2)
+    for _ in range(5):  # past the sink replacement, mid-clip
+        next(blocks)
+    state = first.state_dict()
+    assert "ahead_latents" in state and state["next_block"] == 5
+    rest = list(blocks)
+    second = pipe.stream(cond, settings)
+    second.load_state_dict(state)
+    again = list(second.blocks(2))
+    assert [b.index for b in again] == [b.index for b in rest] == [5, 6, 7]
+    for a, b in zip(rest, again):
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)

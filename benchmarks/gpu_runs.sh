@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md, one runner process per configuration (each builds its own
+# random 16.3 B-parameter model), raw JSON into $OUT (or ./bench_out). Usage: bash benchmarks/gpu_runs.sh NAME...
+# with NAME among: bf16 bf16_compiled fp8_compiled offload24 fp8_48 load
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+run() {  # name, seconds allowed, command...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "exit $? after ${SECONDS}s"
+  grep -E "Error|error:" "$OUT/$name.log" | tail -n 3
+}
+bench() {  # name, seconds allowed, runner arguments...
+  local name=$1 limit=$2
+  shift 2
+  run "$name" "$limit" python3 -m benchmarks.run "$@" --json "$OUT/$name.json"
+}
+for name in "$@"; do
+  case $name in
+    bf16) bench bf16 150 --blocks 12 --steady_from 6 ;;
+    bf16_compiled) bench bf16_compiled 140 --compile --profile --blocks 16 --steady_from 9 ;;
+    fp8_compiled) bench fp8_compiled 150 --compile --fp8 --profile --blocks 16 --steady_from 9 ;;
+    offload24) bench offload24 170 --offload --kv_fp8 --memory_gb 24 --blocks 5 --steady_from 3 ;;
+    fp8_48) bench fp8_48 100 --compile --fp8 --kv_fp8 --memory_gb 48 --blocks 10 --steady_from 7 ;;
+    load) run load 150 python3 -m benchmarks.load_time --json "$OUT/load.json" ;;
+    *) echo "unknown run $name"; exit 2 ;;
+  esac
+done

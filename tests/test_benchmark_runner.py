@@ -1,0 +1,48 @@
+"""The benchmark runner on the tiny model (CPU, seconds) and the FLOP counts behind its floor."""
+
+import json
+
+import pytest
+
+from benchmarks import run
+from benchmarks.flops import block_decode_flops, block_step_flops
+from benchmarks.random_models import FULL, TINY
+
+
+def test_runner_reports_every_stage_and_the_floor(tmp_path):
+    out = tmp_path / "tiny.json"
+    result = run.main(["--scale", "tiny", "--device", "cpu", "--size", "128*128", "--blocks", "3", "--steady_from", "1",
+                       "--profile", "--json", str(out)])
+    assert json.loads(out.read_text())["steady_blocks"] == [1, 2]
+    assert result["video"] == {"height": 128, "width": 128, "blocks": 3, "frames_per_block": 12}
+    assert [b["index"] for b in result["blocks"]] == [0, 1, 2]
+    assert [b["frames"] for b in result["blocks"]] == [9, 12, 12]
+    assert set(result["stages_ms"]) == {"audio", "step0", "step1", "step2", "step3", "decode", "mux"}
+    assert set(result["prepare_ms"]) >= {"reference_encode", "text_encode", "audio_features"}
+    assert result["ttff_s"] > 0 and result["steady_fps"] > 0
+    floor = result["floor"]
+    assert floor["step_ms"] > 0 and floor["decode_ms"] > 0 and floor["fps"] > 0
+    assert result["profile"]["total_ms"] > 0
+
+
+def test_block_step_flops_follow_the_shapes():
+    """Counted on the meta device; the attention part has a closed form to check the counter against."""
+    c = TINY.dit
+    h, w = 16, 24
+    flops = block_step_flops(c, h, w)
+    q = 3 * (h // 2) * (w // 2)
+    # reference, then the packed motion: newest latent at full resolution, 2 at half, 16 at quarter (4 frames)
+    sink = 2 * (h // 2) * (w // 2) + (h // 4) * (w // 4) + 4 * (h // 8) * (w // 8)
+    keys = 12 * (h // 2) * (w // 2) + sink
+    attention = 4 * q * c.dim * (keys * c.num_layers + c.text_len * c.num_layers + (c.num_audio_token + 1) * len(c.audio_inject_layers))
+    assert flops["attention"] == attention
+    per_layer = 2 * q * (6 * c.dim**2 + 2 * c.dim * c.ffn_dim)  # q k v o, cross q o, ffn
+    assert flops["linear"] > per_layer * c.num_layers
+    assert block_decode_flops(TINY.vae_dim, h, w)["convolution"] > 0
+
+
+@pytest.mark.parametrize("scale", [FULL])
+def test_full_size_step_is_121_tflop_at_704x384(scale):
+    flops = block_step_flops(scale.dit, 48, 88)
+    assert flops["attention"] / 1e12 == pytest.approx(41.07, abs=0.01)
+    assert flops["linear"] / 1e12 == pytest.approx(79.75, abs=0.01)

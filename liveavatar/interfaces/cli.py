@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(m, "lora_path_dmd", help="Live Avatar LoRA: a .safetensors file or a hub repo id (default: <ckpt_dir>/LiveAvatar/liveavatar.safetensors)")
     _add(m, "device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     _add(m, "dtype", default=None, choices=["bfloat16", "float16", "float32"], help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    _add(m, "offload_model", type=_bool, nargs="?", const=True, default=False, help="keep the text and audio encoders off the GPU except while used (True/False)")
-    _add(m, "fp8", action="store_true", help="FP8 linear layers (Hopper/Ada GPUs)")
+    _add(m, "offload_model", type=_bool, nargs="?", const=True, default=False, help="low-memory mode for 24-48 GB GPUs: the transformer's blocks and its FP8 key/value caches stay in pinned host memory and stream to the GPU layer by layer (True/False); the text and audio encoders leave the GPU after use either way")
+    _add(m, "fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer (GPUs with FP8 tensor cores: Ada, Hopper)")
     _add(m, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     compat = gen.add_argument_group("accepted for compatibility with the original scripts")
@@ -169,7 +169,10 @@ def _resolve_device(args):
         raise LiveAvatarError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if args.fp8:
-        raise LiveAvatarError("--fp8: FP8 linear layers are not available in this build yet; run without --fp8")
+        from liveavatar.models.fp8 import scaled_mm_supported
+
+        if not scaled_mm_supported(torch.device(device)):
+            raise LiveAvatarError(f"--fp8: needs a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper), not {device}; run without --fp8")
     return device, getattr(torch, dtype_name)
 
 
@@ -209,8 +212,13 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
         ckpt_dir, lora = hub.cached_checkpoint()
     if args.lora_path_dmd:
         lora = hub.resolve_lora(args.lora_path_dmd)
+    cuda = device.startswith("cuda")
+    # On a GPU: the compiled fast path with CUDA graphs, and the encoders off the GPU after use (the bf16
+    # transformer and its caches fill an 80 GB card). --offload_model streams the transformer too.
     pipe = LiveAvatarPipeline.from_pretrained(ckpt_dir, lora_file=lora, device=device, dtype=dtype,
-                                              offload_encoders=args.offload_model)
+                                              offload_encoders=args.offload_model or cuda,
+                                              offload_transformer=args.offload_model, fp8=args.fp8,
+                                              kv_dtype=torch.float8_e4m3fn if args.offload_model else None, fast=cuda)
     bar = None
     gpu_csv = output.with_suffix(".gpu_memory.csv") if device.startswith("cuda") else None
     if gpu_csv is not None:

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.flops import block_decode_flops, block_step_flops  # noqa: E402
-from benchmarks.random_models import SCALES, build_pipeline  # noqa: E402
+from benchmarks.random_models import SCALES, build_pipeline, num_parameters  # noqa: E402
 from liveavatar.engine.audio_source import audio_source_for  # noqa: E402
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.media import image as image_io  # noqa: E402
@@ -100,6 +100,7 @@ def main(argv=None) -> dict:
                           kv_dtype=torch.float8_e4m3fn if args.kv_fp8 else None, fast=args.compile)
     _sync(device)
     result["build_s"] = time.perf_counter() - t0
+    result["transformer_parameters"] = num_parameters(pipe.dit)
 
     settings = StreamSettings()
     num_clips = math.ceil((args.blocks + 2 * args.profile) / settings.blocks_per_clip)

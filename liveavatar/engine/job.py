@@ -182,6 +182,9 @@ def run_job(
     log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d)", cond.width, cond.height, num_clips,
              spec.infer_frames, cond.num_clips)
     stream = pipe.stream(cond, settings)
+    if spec.resume and not stream.resumable:
+        raise InputError("--resume: this pipeline's caches live in several processes and are not saved; "
+                         "a run on one GPU can be resumed")
     blocks_total = num_clips * settings.blocks_per_clip
     frames_total = blocks_total * settings.video_frames_per_block - DROPPED_FIRST_FRAMES
 
@@ -223,7 +226,7 @@ def run_job(
                 first_frame_s = time.perf_counter() - t_loop
             if spec.save_latents is not None:
                 latents.append(block.latents)
-            if (block.index + 1) % settings.blocks_per_clip == 0 and block.index + 1 < blocks_total:
+            if stream.resumable and (block.index + 1) % settings.blocks_per_clip == 0 and block.index + 1 < blocks_total:
                 kept = torch.cat(latents, dim=1) if latents else None
                 latents = [kept] if kept is not None else []
                 store.save({"stream": stream.state_dict(), "latents": kept})
@@ -231,12 +234,13 @@ def run_job(
             yield Progress(block, block.index + 1, blocks_total, stream.frames_emitted, frames_total,
                            time.perf_counter() - t_start)
             if should_stop is not None and should_stop() and block.index + 1 < blocks_total:
-                kept = torch.cat(latents, dim=1) if latents else None
-                store.save({"stream": stream.state_dict(), "latents": kept})
+                if stream.resumable:
+                    kept = torch.cat(latents, dim=1) if latents else None
+                    store.save({"stream": stream.state_dict(), "latents": kept})
                 writer.abort()  # closes the container: the last block's fragment reaches the disk
                 raise JobStopped(
                     f"stopped after {stream.frames_emitted} of {frames_total} frames: {partial} plays what was "
-                    f"generated; rerun the same command with --resume to continue"
+                    f"generated" + ("; rerun the same command with --resume to continue" if stream.resumable else "")
                 )
     except JobStopped:
         raise

@@ -88,12 +88,31 @@ class Block:
         return start, start + len(self.frames) / 25
 
 
+def start_decoder(vae: WanVAE, motion_latents: torch.Tensor) -> StreamingDecoder:
+    """The stream's decoder: the oldest motion latents are decoded once and their frames thrown away, so
+    its causal caches hold the still reference when the first block arrives."""
+    decoder = vae.streaming_decoder()
+    decoder.decode(motion_latents[:, :, :DECODER_WARMUP_LATENTS])
+    return decoder
+
+
+def decode_video(decoder: StreamingDecoder, k: int, latents: torch.Tensor) -> torch.Tensor:
+    """Final latents [16, F, h, w] of block k -> its video [1, 3, n, H, W] in [-1, 1] on the decoder's device,
+    continuing the decoder's history; the very first block drops its first frames."""
+    video = decoder.decode(latents[None])
+    if k == 0:
+        video = video[:, :, DROPPED_FIRST_FRAMES:]
+    return video
+
+
 class AvatarStream:
     """Generates blocks for one (reference, motion, text, audio) conditioning, resumable at block boundaries.
 
     The caller iterates `blocks(num_clips)`; `state_dict()` between blocks captures everything needed to
     continue bit-identically in a new process (`load_state_dict`).
     """
+
+    resumable = True  # state_dict() holds everything (run_job saves it for --resume)
 
     def __init__(
         self,
@@ -102,12 +121,13 @@ class AvatarStream:
         text_context: torch.Tensor,
         ref_latent: torch.Tensor,
         motion_latents: torch.Tensor,
-        audio: AudioSource,
+        audio: AudioSource | None,
         settings: StreamSettings = StreamSettings(),
         kv_dtype: torch.dtype | None = None,
         offload_kv: bool = False,
         cuda_graphs: bool = False,
         concurrent_decode: bool = False,
+        steps: range | None = None,
     ):
         """kv_dtype: storage of the ring caches (default the transformer's dtype; torch.float8_e4m3fn halves
         their memory, see RingCache). offload_kv: keep the rings in pinned host memory, one layer at a time
@@ -116,8 +136,12 @@ class AvatarStream:
         concurrent_decode: run the VAE on its own CUDA stream, concurrently with the next block's steps. Off by
         default: both saturate the GPU, and on an H100 sharing it made the pair slower than running them back
         to back (docs/benchmarks.md). Either way the host enqueues block k+1's steps before it waits for block
-        k's frames, so muxing on the host overlaps the GPU's work."""
+        k's frames, so muxing on the host overlaps the GPU's work.
+        steps (default all) and vae=None make the part of a stream that one rank of the multi-device pipeline
+        runs (liveavatar.parallel): ring caches for those denoising steps only and no decoder. Such a stream is
+        driven through its pieces (noise_for_block, denoise_step, replace_sink), not blocks()."""
         self.dit, self.vae, self.audio, self.settings = dit, vae, audio, settings
+        self.steps = range(settings.sample_steps) if steps is None else steps
         device = dit.device
         self.ref_latent = ref_latent.to(device, torch.float32)
         self.motion_latents = motion_latents.to(device, torch.float32)
@@ -132,7 +156,8 @@ class AvatarStream:
         if offload_kv:
             self.rings = HostRings(settings.sample_steps, *ring_shape, device, kv_dtype or dit.dtype, dit.dtype).rings
         else:
-            self.rings = [RingCache(*ring_shape, device, kv_dtype or dit.dtype, dit.dtype) for _ in range(settings.sample_steps)]
+            self.rings = [RingCache(*ring_shape, device, kv_dtype or dit.dtype, dit.dtype) if step in self.steps else None
+                          for step in range(settings.sample_steps)]
         self.sink: SinkCache = dit.prefill_sink(self.ref_latent, self.motion_latents, self.text_kv)
         self.sink_replaced = False
         self._step_graphs = StepGraphs(dit) if cuda_graphs else None
@@ -140,9 +165,10 @@ class AvatarStream:
         # block k+1: denoised (its keys/values are in the rings) but not yet decoded.
         self._decode_stream = torch.cuda.Stream(device) if concurrent_decode and device.type == "cuda" else None
         self._ahead: tuple[int, torch.Tensor, _StageClock] | None = None
-        self.decoder: StreamingDecoder = vae.streaming_decoder()
-        with self._on_decode_stream():
-            self.decoder.decode(self.motion_latents[:, :, :DECODER_WARMUP_LATENTS])
+        self.decoder: StreamingDecoder | None = None
+        if vae is not None:
+            with self._on_decode_stream():
+                self.decoder = start_decoder(vae, self.motion_latents)
         self.next_block = 0  # the next block `blocks()` yields
         self.frames_emitted = 0
         self._noise: tuple[int, torch.Tensor] | None = None
@@ -182,10 +208,7 @@ class AvatarStream:
 
     def decode_block(self, k: int, latents: torch.Tensor) -> torch.Tensor:
         """Frames [n, H, W, 3] uint8 on the CPU of denoised block k (decoded on the current stream)."""
-        video = self.decoder.decode(latents[None])
-        if k == 0:
-            video = video[:, :, DROPPED_FIRST_FRAMES:]
-        return _to_uint8_frames(video).cpu()
+        return _to_uint8_frames(decode_video(self.decoder, k, latents)).cpu()
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(m, "dtype", default=None, choices=["bfloat16", "float16", "float32"], help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     _add(m, "offload_model", type=_bool, nargs="?", const=True, default=False, help="low-memory mode for 24-48 GB GPUs: the transformer's blocks and its FP8 key/value caches stay in pinned host memory and stream to the GPU layer by layer (True/False); the text and audio encoders leave the GPU after use either way")
     _add(m, "fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer (GPUs with FP8 tensor cores: Ada, Hopper)")
+    _add(m, "gpus", type=int, default=1, help="GPUs to pipeline the denoising steps over, 1 to sample_steps + 1: "
+         "each runs its share of the steps, the last also decodes (cuda:0..N-1; choose them with CUDA_VISIBLE_DEVICES). "
+         "With --device cpu, that many CPU processes (default: %(default)s)")
     _add(m, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     compat = gen.add_argument_group("accepted for compatibility with the original scripts")
@@ -215,35 +218,69 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     cuda = device.startswith("cuda")
     # On a GPU: the compiled fast path with CUDA graphs, and the encoders off the GPU after use (the bf16
     # transformer and its caches fill an 80 GB card). --offload_model streams the transformer too.
-    pipe = LiveAvatarPipeline.from_pretrained(ckpt_dir, lora_file=lora, device=device, dtype=dtype,
-                                              offload_encoders=args.offload_model or cuda,
-                                              offload_transformer=args.offload_model, fp8=args.fp8,
-                                              kv_dtype=torch.float8_e4m3fn if args.offload_model else None, fast=cuda)
+    if args.gpus != 1:
+        pipe = _start_parallel(args, ckpt_dir, lora, device, dtype)
+    else:
+        pipe = LiveAvatarPipeline.from_pretrained(ckpt_dir, lora_file=lora, device=device, dtype=dtype,
+                                                  offload_encoders=args.offload_model or cuda,
+                                                  offload_transformer=args.offload_model, fp8=args.fp8,
+                                                  kv_dtype=torch.float8_e4m3fn if args.offload_model else None, fast=cuda)
     bar = None
     gpu_csv = output.with_suffix(".gpu_memory.csv") if device.startswith("cuda") else None
     if gpu_csv is not None:
         gpu_csv.write_text("block,elapsed_s,allocated_gb,reserved_gb\n")
-    for item in run_job(pipe, spec, should_stop=lambda: stop.requested):
-        if isinstance(item, JobResult):
-            if bar is not None:
-                bar.close()
-            log.info("wrote %s: %d frames %dx%d in %.1f s (%.2f FPS generated, first frame after %.2f s)",
-                     item.output, item.frames, item.width, item.height, item.seconds, item.fps, item.first_frame_s)
-            log.info("mean per block (ms): %s", {k: round(v, 1) for k, v in item.stage_ms.items()})
-            gpu = f", GPU {item.peak_gpu_memory_gb:.2f} GiB" if item.peak_gpu_memory_gb is not None else ""
-            log.info("peak memory: host %.2f GiB%s", item.peak_host_memory_gb, gpu)
-            print(item.output)
-            return 0
-        if bar is None:
-            bar = tqdm(total=item.frames_total, initial=item.frames_done - len(item.block.frames), unit="frame",
-                       desc="generating", dynamic_ncols=True)
-        bar.update(len(item.block.frames))
-        bar.set_postfix(clip=item.block.clip, block=f"{item.blocks_done}/{item.blocks_total}")
-        if gpu_csv is not None:
-            with gpu_csv.open("a") as f:
-                f.write(f"{item.block.index},{item.elapsed_s:.3f},{torch.cuda.memory_allocated() / 2**30:.3f},"
-                        f"{torch.cuda.memory_reserved() / 2**30:.3f}\n")
+    try:
+        for item in run_job(pipe, spec, should_stop=lambda: stop.requested):
+            if isinstance(item, JobResult):
+                if bar is not None:
+                    bar.close()
+                log.info("wrote %s: %d frames %dx%d in %.1f s (%.2f FPS generated, first frame after %.2f s)",
+                         item.output, item.frames, item.width, item.height, item.seconds, item.fps, item.first_frame_s)
+                log.info("mean per block (ms): %s", {k: round(v, 1) for k, v in item.stage_ms.items()})
+                gpu = f", GPU {item.peak_gpu_memory_gb:.2f} GiB" if item.peak_gpu_memory_gb is not None else ""
+                log.info("peak memory: host %.2f GiB%s", item.peak_host_memory_gb, gpu)
+                print(item.output)
+                return 0
+            if bar is None:
+                bar = tqdm(total=item.frames_total, initial=item.frames_done - len(item.block.frames), unit="frame",
+                           desc="generating", dynamic_ncols=True)
+            bar.update(len(item.block.frames))
+            bar.set_postfix(clip=item.block.clip, block=f"{item.blocks_done}/{item.blocks_total}")
+            if gpu_csv is not None:
+                with gpu_csv.open("a") as f:
+                    f.write(f"{item.block.index},{item.elapsed_s:.3f},{torch.cuda.memory_allocated() / 2**30:.3f},"
+                            f"{torch.cuda.memory_reserved() / 2**30:.3f}\n")
+    finally:
+        if args.gpus != 1:
+            pipe.close()  # stops the other ranks
     return 1
+
+
+def _start_parallel(args, ckpt_dir, lora, device: str, dtype):
+    """The multi-GPU pipeline (liveavatar.parallel): ranks 0..gpus-2 are started here, this process is the last."""
+    import torch
+
+    from liveavatar.parallel.launch import CheckpointModels, start_pipeline
+    from liveavatar.parallel.schedule import Schedule
+    from liveavatar.parallel.worker import DitOptions
+
+    try:
+        Schedule(args.gpus, args.sample_steps)
+    except ValueError as e:
+        raise LiveAvatarError(f"--gpus {args.gpus}: {e}") from None
+    if args.resume:
+        raise LiveAvatarError("--resume: a run on several GPUs keeps its caches in several processes and cannot be "
+                              "resumed; use --gpus 1")
+    if args.offload_model:
+        raise LiveAvatarError("--offload_model: with --gpus each GPU holds the transformer and only its own steps' "
+                              "caches; the low-memory mode streams them on one GPU (use --gpus 1)")
+    if ":" in device:
+        raise LiveAvatarError(f"--device {device} with --gpus {args.gpus}: the ranks use cuda:0..{args.gpus - 1}; "
+                              "choose the GPUs with CUDA_VISIBLE_DEVICES")
+    cuda = device == "cuda"  # as on one GPU: the compiled fast path, the encoders off the GPU after use
+    return start_pipeline(CheckpointModels(ckpt_dir, lora, dtype), args.gpus, sample_steps=args.sample_steps,
+                          device_type=device, offload_encoders=cuda, options=DitOptions(fp8=args.fp8, fast=cuda),
+                          cpu_threads=max(1, torch.get_num_threads() // args.gpus))
 
 
 def cmd_app(args, *_unused) -> int:  # Gradio and uvicorn handle Ctrl-C themselves

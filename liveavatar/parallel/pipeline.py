@@ -1,0 +1,351 @@
+"""The output rank: conditioning, job dispatch, its own denoising steps (if any), decoding and the video.
+
+`ParallelPipeline` is a `LiveAvatarPipeline` whose streams run across all ranks, so whatever drives one GPU
+(`run_job`, and with it the command line, the web UI, the server and live sessions) drives the ranks alike:
+
+    pipe = start_pipeline(CheckpointModels("ckpt"), world_size=2)     # liveavatar.parallel.launch
+    cond = pipe.prepare("face.png", wave, "A person talking")         # the encoders run here, once
+    for block in pipe.stream(cond, StreamSettings(seed=42)).blocks(cond.num_clips):
+        show(block.frames)
+    pipe.close()
+
+A stream runs three threads on this rank:
+* the feeder takes each block's audio features from the audio source, in block order (a live source makes
+  it wait for the speech), and sends them to every denoising rank up to LOOKAHEAD blocks ahead of need;
+  the first block of clip 1 also carries the rolling sink frame, the first latent frame of block 0;
+* the stage thread receives each block's latents from the previous rank, runs this rank's own steps (when
+  it also denoises), and enqueues the decode and the copy of the frames to the host right behind them, on
+  the same CUDA stream: steps and decode share the GPU back to back rather than concurrently (concurrent
+  they contend and the pair gets slower), and the block's frames are never queued behind the next block's
+  steps; the thread goes on with the next block without waiting for the GPU;
+* the caller's thread waits for each block's frames on the host and yields them, while later blocks are
+  denoised and decoded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline
+from liveavatar.engine.stream import Block, StreamSettings, decode_video, start_decoder
+from liveavatar.errors import InputError, LiveAvatarError
+from liveavatar.media.video import frames_to_uint8
+from liveavatar.models.audio_encoder import AudioEncoder
+from liveavatar.models.text_encoder import TextEncoder
+from liveavatar.models.vae import WanVAE
+from liveavatar.parallel.schedule import Schedule
+from liveavatar.parallel.worker import (
+    BlockWork, BusyClock, Job, RankTransformer, busy_summary, latent_receiver, peak_memory_gb, run_blocks,
+    send_block_work, synchronize, to_host,
+)
+
+log = logging.getLogger(__name__)
+
+LOOKAHEAD = 8  # blocks whose messages may be out before rank 0 takes them (two clips)
+DECODE_QUEUE = 2  # decoded blocks the caller has not taken yet; beyond this the pipeline waits (bounded memory)
+POLL_S = 0.5  # how often a waiting thread checks that the others (and the other ranks) are alive
+
+
+class RankFailed(LiveAvatarError):
+    """Another rank of the pipeline exited; the pipeline must be started again."""
+
+
+class ParallelPipeline(LiveAvatarPipeline):
+    """The output rank's pipeline: encoders and VAE here, the transformer here only if this rank also
+    denoises. Built by `liveavatar.parallel.launch.start_pipeline`, which starts the other ranks."""
+
+    def __init__(self, transformer: RankTransformer | None, vae: WanVAE, text_encoder: TextEncoder | None,
+                 audio_encoder: AudioEncoder | None, schedule: Schedule, job_group, host_group, processes,
+                 offload_encoders: bool = False):
+        dit = None if transformer is None else transformer.dit
+        options = transformer.options if transformer is not None else None
+        super().__init__(dit, vae, text_encoder, audio_encoder, offload_encoders,
+                         kv_dtype=options and options.kv_dtype, fast=bool(options and options.fast))
+        self.transformer = transformer
+        self.schedule, self.job_group, self.host_group = schedule, job_group, host_group
+        self.processes = processes  # the other ranks (multiprocessing.Process), for liveness checks
+        self._lock = threading.Lock()
+        self._active: ParallelStream | None = None  # the ranks run one stream at a time
+        self.broken: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    def stream(self, cond: Conditioning, settings: StreamSettings = StreamSettings()) -> ParallelStream:
+        """Starts a job on all ranks (they set up their caches while the caller goes on). A stream whose
+        blocks() never ran is ended first."""
+        if settings.sample_steps != self.schedule.steps:
+            raise InputError(f"sample_steps {settings.sample_steps}: this multi-GPU pipeline was started for "
+                             f"{self.schedule.steps} steps")
+        with self._lock:
+            self.check_ranks()
+            if self._active is not None:
+                self._active.close()
+            self._active = ParallelStream(self, cond, settings)
+            return self._active
+
+    def check_ranks(self) -> None:
+        for rank, process in enumerate(self.processes):
+            if not process.is_alive():
+                self.broken = f"rank {rank} exited with code {process.exitcode}"
+        if self.broken:
+            raise RankFailed(f"the multi-GPU pipeline is broken ({self.broken}); start it again")
+
+    def close(self) -> None:
+        """Stops the other ranks (they are waiting for a job) and leaves the process group."""
+        with self._lock:
+            if self._active is not None and self.broken is None:
+                self._active.close()
+            if self.broken is None and self.schedule.world_size > 1:
+                dist.broadcast_object_list([None], src=self.schedule.output_rank, group=self.host_group)
+        for process in self.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ParallelStream:
+    """One job across the ranks, iterated like an AvatarStream (the same blocks, the same numbers)."""
+
+    resumable = False  # its caches live in other processes; state_dict() cannot capture them
+
+    def __init__(self, pipe: ParallelPipeline, cond: Conditioning, settings: StreamSettings):
+        self.pipe, self.cond, self.settings, self.schedule = pipe, cond, settings, pipe.schedule
+        self.rank = self.schedule.output_rank
+        self.next_block = 0
+        self.frames_emitted = 0
+        self.rank_stats: list[dict] = []  # per rank, once the stream has ended
+        device = pipe.vae.device
+        self._cuda = device.type == "cuda"
+        self._streams = {name: torch.cuda.Stream(device) for name in ("feed", "stage")} if self._cuda else {}
+
+        job = Job(settings, cond.text_context.float().cpu(), cond.ref_latent.float().cpu(), cond.motion_latents.float().cpu())
+        self._latent_shape = job.latent_shape
+        if self.schedule.world_size > 1:
+            dist.broadcast_object_list([job], src=self.rank, group=pipe.host_group)
+        steps = self.schedule.steps_of(self.rank)
+        self._part = None
+        if len(steps):  # its steps run on the stage thread, beside the feeder and the caller: no CUDA graphs
+            self._part = pipe.transformer.stream_part(cond.text_context, cond.ref_latent, cond.motion_latents,
+                                                      cond.audio, settings, steps, cuda_graphs=False)
+        self._decoder = start_decoder(pipe.vae, cond.motion_latents.to(device))
+        synchronize(device)  # the stage thread's stream takes over the caches made here
+
+        self._feed_queue: queue.Queue = queue.Queue(maxsize=LOOKAHEAD)  # this rank's own block messages
+        self._decode_queue: queue.Queue = queue.Queue(maxsize=DECODE_QUEUE)
+        self._cancelled = threading.Event()
+        self._block0_final = threading.Event()
+        self._new_ref: torch.Tensor | None = None
+        self._failure: BaseException | None = None  # an error of this rank's threads: the pipeline is broken
+        self._audio_error: BaseException | None = None  # the audio source ended the stream early
+        self._threads: list[threading.Thread] = []
+        self._done = False
+
+    # ------------------------------------------------------------------ the caller's thread: frames out
+    def blocks(self, num_clips: int) -> Iterator[Block]:
+        s = self.settings
+        total = num_clips * s.blocks_per_clip
+        self._start(total)
+        try:
+            while self.next_block < total:
+                t0 = time.perf_counter()
+                item = self._take()
+                if item is None:  # the feeder stopped before the last block
+                    raise self._audio_error or RuntimeError("the stream ended before its last block")
+                k, video, latents, ready = item
+                if ready is not None:
+                    ready.synchronize()
+                waited = (time.perf_counter() - t0) * 1000
+                t0 = time.perf_counter()
+                frames = torch.from_numpy(frames_to_uint8(video))
+                timings = {"wait": waited, "to_uint8": (time.perf_counter() - t0) * 1000}
+                block = Block(k, k // s.blocks_per_clip, latents, frames, self.frames_emitted, timings)
+                self.next_block += 1
+                self.frames_emitted += len(frames)
+                yield block
+        except BaseException:
+            self._finish()
+            raise
+        self._finish()
+        if self._failure is not None:
+            raise self._failure
+
+    def close(self) -> None:
+        """Ends a stream whose blocks() never ran (the other ranks are told the job has no blocks)."""
+        if not self._threads:
+            self._start(0)
+            self._finish()
+        elif not self._done:
+            raise LiveAvatarError("the multi-GPU pipeline is running another stream")
+
+    def _start(self, total: int) -> None:
+        if self._threads:
+            raise LiveAvatarError("a multi-GPU stream runs once; make a new one with pipe.stream()")
+        with self._on(self._streams.get("stage")):  # the caller's thread may have another current device
+            self._stage_clock = BusyClock(self.pipe.vae.device)
+            self._decode_clock = BusyClock(self.pipe.vae.device, origin=self._stage_clock.origin)
+        self._threads = [threading.Thread(target=self._feed, args=(total,), name="liveavatar-feed", daemon=True),
+                         threading.Thread(target=self._stage, name="liveavatar-stage", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _take(self) -> tuple | None:
+        while True:
+            try:
+                return self._decode_queue.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._failure is not None:
+                    raise self._failure
+                self.pipe.check_ranks()
+
+    def _finish(self) -> None:
+        """Ends the job. When the caller stopped early, the ranks still finish the blocks they were sent
+        (nothing more is decoded), so that they are ready for the next job."""
+        self._cancelled.set()
+        try:
+            for thread in self._threads:
+                while thread.is_alive() and self._failure is None:
+                    with contextlib.suppress(queue.Empty):
+                        while True:
+                            self._decode_queue.get_nowait()
+                    thread.join(POLL_S)
+                    self.pipe.check_ranks()
+            if self._failure is not None:  # the other ranks may be anywhere in the job: nothing more is sent
+                self.pipe.broken = f"{type(self._failure).__name__}: {self._failure}"
+                return
+            own = {"rank": self.rank, "role": self.schedule.describe(self.rank), "sink_refill_ms": self._sink_ms}
+            stage, decode = self._stage_clock.intervals_ms(), self._decode_clock.intervals_ms()
+            own.update(busy_summary(stage + decode, blocks=len(decode)))  # the device's time: steps and decode
+            own["denoise_ms"] = busy_summary(stage)["stage_ms"]
+            own["decode_ms"] = busy_summary(decode)["stage_ms"]
+            own["peak_memory_gb"] = peak_memory_gb(self.pipe.vae.device)
+            self.rank_stats = sorted(self._worker_stats + [own], key=lambda r: r["rank"])
+            for r in self.rank_stats:
+                log.info("rank %d (%s): %s", r["rank"], r["role"],
+                         {k: round(v, 3) for k, v in r.items() if isinstance(v, float)})
+        finally:
+            self._done = True
+            if self.pipe._active is self:
+                self.pipe._active = None
+
+    # ------------------------------------------------------------------ the feeder: block messages
+    @torch.no_grad()
+    def _feed(self, total: int) -> None:
+        s = self.settings
+        in_flight: deque[list] = deque()
+        try:
+            with self._on(self._streams.get("feed")):
+                for k in range(total):
+                    if len(in_flight) == LOOKAHEAD:
+                        for send in in_flight.popleft():
+                            send.wait()
+                    if self._cancelled.is_set():
+                        break
+                    try:
+                        audio = self.cond.audio.block(k, s.video_frames_per_block).float().cpu()
+                    except Exception as e:  # e.g. a live session was closed: the blocks before k still come
+                        self._audio_error = e
+                        break
+                    new_ref = None
+                    if k == s.blocks_per_clip and s.rolling_sink:
+                        if not self._wait(self._block0_final):
+                            break
+                        new_ref = self._new_ref
+                    work = BlockWork(k, audio, new_ref)
+                    in_flight.append([send for rank in range(self.rank) for send in send_block_work(work, rank, self.pipe.host_group)])
+                    self._hand_over(work)
+        except BaseException as e:
+            self._failure = e
+        finally:
+            try:
+                for rank in range(self.rank):
+                    in_flight.append(send_block_work(None, rank, self.pipe.host_group))
+                for sends in in_flight:
+                    for send in sends:
+                        send.wait()
+            except BaseException as e:
+                self._failure = self._failure or e
+            self._hand_over(None)
+
+    def _hand_over(self, work: BlockWork | None) -> None:
+        """Gives this rank's stage thread its message (it always takes them all, also after a cancel)."""
+        while True:
+            try:
+                self._feed_queue.put(work, timeout=POLL_S)
+                return
+            except queue.Full:
+                if not self._threads[1].is_alive():
+                    return
+
+    def _wait(self, event: threading.Event) -> bool:
+        while not event.wait(POLL_S):
+            if self._cancelled.is_set() or not self._threads[1].is_alive():
+                return False
+        return True
+
+    # ------------------------------------------------------------------ the stage thread: latents
+    @torch.no_grad()
+    def _stage(self) -> None:
+        try:
+            with self._on(self._streams.get("stage")):
+                previous = self.schedule.previous(self.rank)
+                receive = None
+                if previous is not None:
+                    receive = latent_receiver(previous, self._latent_shape, self.pipe.vae.device, self.pipe.job_group)
+                self._sink_ms = run_blocks(self._part, self._feed_queue.get, receive, self._deliver, self._stage_clock)
+            self._threads[0].join()  # its last sends are done before the host group is used again
+            self._worker_stats = []
+            for rank in range(self.rank):
+                received = [None]
+                dist.recv_object_list(received, src=rank, group=self.pipe.host_group)
+                self._worker_stats.append(received[0])
+        except BaseException as e:  # the caller's thread raises it
+            self._failure = self._failure or e
+            return
+        self._put_decoded(None)  # the end: the caller stops here if the feeder stopped early
+
+    def _deliver(self, k: int, x: torch.Tensor) -> None:
+        """Block k's final latents: the rolling sink frame (block 0), then the decode and the copies to the host
+        enqueued behind this rank's steps; the caller waits for them."""
+        if k == 0:
+            self._new_ref = x[None, :, :1].float().cpu()
+            self._block0_final.set()
+        if self._cancelled.is_set():
+            return  # nothing more is decoded
+        self._decode_clock.start()
+        video = decode_video(self._decoder, k, x)
+        self._decode_clock.stop()
+        item = (k, to_host(video), to_host(x.float()))
+        ready = torch.cuda.Event() if self._cuda else None
+        if ready is not None:
+            ready.record()  # behind the copies
+        self._put_decoded((*item, ready))
+
+    def _put_decoded(self, item) -> None:
+        while not self._cancelled.is_set():
+            try:
+                self._decode_queue.put(item, timeout=POLL_S)
+                return
+            except queue.Full:
+                pass
+
+    def _on(self, stream):
+        """Work on `stream` (this rank's device), or on the CPU as it is."""
+        if stream is None:
+            return contextlib.nullcontext()
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(torch.cuda.device(stream.device))
+        ctx.enter_context(torch.cuda.stream(stream))
+        return ctx

@@ -1,0 +1,302 @@
+"""What every rank runs: the block loop over its own denoising steps, the messages between ranks, and the
+denoising ranks' life between jobs.
+
+Two process groups connect the ranks:
+
+* the job group (NCCL on GPUs, gloo on the CPU) carries only latents: one [16, F, h, w] float32 tensor per
+  block from each rank to the next (point-to-point; no collective ever waits on it);
+* the host group (gloo, CPU tensors) carries everything else: the job itself (broadcast by the output
+  rank), one message per block from the output rank to every denoising rank (the block's audio features
+  and, with the first block of clip 1, the rolling sink frame; or the end of the job), sent ahead of need,
+  and each rank's timings when the job ends. Idle denoising ranks wait here for the next job, so an idle
+  pipeline has no NCCL operation pending: no watchdog or heartbeat can fire, however long it idles.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from liveavatar.engine.stream import AvatarStream, StreamSettings
+from liveavatar.models import fastpath
+from liveavatar.models.dit import S2VTransformer
+from liveavatar.models.fp8 import quantize_transformer
+from liveavatar.parallel.schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 16
+_END = -1  # block index of the message that ends a job
+
+
+@dataclass(frozen=True)
+class DitOptions:
+    """The speed options of the transformer, as LiveAvatarPipeline.from_pretrained takes them."""
+
+    fp8: bool = False  # FP8 linear layers (liveavatar.models.fp8)
+    fast: bool = False  # compiled regions, fastest attention kernel, CUDA-graphed steps (liveavatar.models.fastpath)
+    kv_dtype: torch.dtype | None = None  # storage of the ring caches
+
+
+class RankTransformer:
+    """A rank's transformer with the pipeline's options applied, and the parts of streams it runs."""
+
+    def __init__(self, dit: S2VTransformer, options: DitOptions):
+        if options.fp8:
+            quantize_transformer(dit, run_device=dit.device)
+        if options.fast:
+            fastpath.compile_transformer(dit)
+        self.dit, self.options = dit, options
+        self._attention_shape: tuple[int, int] | None = None
+
+    def stream_part(self, text_context, ref_latent, motion_latents, audio, settings: StreamSettings, steps: range,
+                    cuda_graphs: bool) -> AvatarStream:
+        """The part of a stream this rank runs: the caches of its steps. cuda_graphs: replay its steady steps as
+        CUDA graphs (with the fast path), where no other thread of the process uses the GPU meanwhile (a capture
+        forbids that)."""
+        cuda = self.dit.device.type == "cuda"
+        part = AvatarStream(self.dit, None, text_context, ref_latent, motion_latents, audio, settings,
+                            kv_dtype=self.options.kv_dtype, cuda_graphs=cuda_graphs and self.options.fast and cuda,
+                            steps=steps)
+        if self.options.fast and cuda:  # as LiveAvatarPipeline.stream: the kernel is timed once per resolution
+            shape = (settings.latent_frames_per_block * part.tokens_per_frame,
+                     part.rings[steps[0]].capacity + part.sink.keys[0].shape[1])
+            if shape != self._attention_shape:
+                fastpath.use_fastest_attention(self.dit, *shape)
+                self._attention_shape = shape
+        return part
+
+
+@dataclass
+class Job:
+    """A stream's conditioning as the output rank broadcasts it (host tensors, computed once there)."""
+
+    settings: StreamSettings
+    text_context: torch.Tensor  # [L, 4096]
+    ref_latent: torch.Tensor  # [1, 16, 1, h, w]
+    motion_latents: torch.Tensor  # [1, 16, 19, h, w]
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One block's latents as they travel between ranks."""
+        h, w = self.ref_latent.shape[-2:]
+        return (LATENT_CHANNELS, self.settings.latent_frames_per_block, h, w)
+
+
+@dataclass
+class BlockWork:
+    """What a denoising rank needs for block k besides its latents."""
+
+    block: int
+    audio: torch.Tensor  # [1, layers, channels, video_frames_per_block] float32, on the host
+    new_ref: torch.Tensor | None = None  # the rolling sink frame [1, 16, 1, h, w], with the first block of clip 1
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def send_block_work(work: BlockWork | None, dst: int, group) -> list:
+    """Sends a block's message (None: the end of the job) without waiting; returns the pending sends (their
+    tensors must stay alive until they are done)."""
+    if work is None:
+        return [dist.isend(torch.tensor([_END, 0, 0, 0]), dst, group=group)]
+    _, layers, channels, _ = work.audio.shape
+    header = torch.tensor([work.block, int(work.new_ref is not None), layers, channels])
+    pending = [dist.isend(header, dst, group=group), dist.isend(work.audio.contiguous(), dst, group=group)]
+    if work.new_ref is not None:
+        pending.append(dist.isend(work.new_ref.contiguous(), dst, group=group))
+    return pending
+
+
+def block_work_receiver(src: int, job: Job, device: torch.device, group) -> Callable[[], BlockWork | None]:
+    """Takes the output rank's messages in order; None once the job has ended."""
+    expected = 0
+
+    def take() -> BlockWork | None:
+        nonlocal expected
+        header = torch.empty(4, dtype=torch.int64)
+        dist.recv(header, src, group=group)
+        block, has_ref, layers, channels = header.tolist()
+        if block == _END:
+            return None
+        if block != expected:
+            raise RuntimeError(f"the message of block {block} arrived where block {expected} was due")
+        expected += 1
+        # Pinned, so that the copy to the GPU does not wait for the work already queued there.
+        pinned = device.type == "cuda"
+        audio = torch.empty(1, layers, channels, job.settings.video_frames_per_block, pin_memory=pinned)
+        dist.recv(audio, src, group=group)
+        new_ref = None
+        if has_ref:
+            new_ref = torch.empty(job.ref_latent.shape)
+            dist.recv(new_ref, src, group=group)
+        return BlockWork(block, audio, new_ref)
+
+    return take
+
+
+class LatentSender:
+    """Sends each block's latents to the next rank while this rank goes on with the next block; at most one
+    send is in flight (its tensor must stay untouched until it is done)."""
+
+    def __init__(self, dst: int, group):
+        self.dst, self.group = dst, group
+        self._pending = None
+
+    def send(self, x: torch.Tensor) -> None:
+        self.flush()
+        self._pending = dist.isend(x.contiguous(), self.dst, group=self.group)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+
+
+def latent_receiver(src: int, shape: tuple[int, ...], device: torch.device, group) -> Callable[[], torch.Tensor]:
+    def receive() -> torch.Tensor:
+        x = torch.empty(shape, device=device)
+        dist.recv(x, src, group=group)
+        return x
+
+    return receive
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The allocator's peak on this rank's GPU so far (models, caches and activations; 0 on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """Starts the copy of a GPU tensor into pinned host memory (complete once the current stream gets there,
+    so the host need not wait here); a CPU tensor as it is."""
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without making the host wait for the work queued on the device (from pinned memory);
+    the CPU keeps the tensor as it is."""
+    if device.type != "cuda":
+        return t
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
+class BusyClock:
+    """When a rank's stage was busy, for its stage time and idle fraction. On a GPU the marks are CUDA events
+    on the stream that runs the work (read after the job, so timing never makes the host wait); on the CPU,
+    where the work is synchronous, the wall clock. Clocks that share an origin can be read together."""
+
+    def __init__(self, device: torch.device, origin=None):
+        self.cuda = device.type == "cuda"
+        self.origin = self._mark() if origin is None else origin
+        self._marks: list[tuple] = []
+        self._start = None
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._start = self._mark()
+
+    def stop(self) -> None:
+        self._marks.append((self._start, self._mark()))
+
+    def intervals_ms(self) -> list[tuple[float, float]]:
+        """The busy intervals, in ms since the origin (waits for the GPU to reach them)."""
+        if not self.cuda:
+            return [((a - self.origin) * 1000, (b - self.origin) * 1000) for a, b in self._marks]
+        out = []
+        for a, b in self._marks:
+            b.synchronize()
+            out.append((self.origin.elapsed_time(a), self.origin.elapsed_time(b)))
+        return out
+
+
+def busy_summary(intervals: list[tuple[float, float]], blocks: int | None = None) -> dict:
+    """stage_ms: mean busy time per block; idle_fraction: the share of the time from the first start to the
+    last end that the stage waited (for latents from upstream, or for downstream to take them)."""
+    if not intervals:
+        return {"blocks": 0, "stage_ms": 0.0, "idle_fraction": 0.0}
+    blocks = len(intervals) if blocks is None else blocks
+    busy = sum(b - a for a, b in intervals)
+    span = max(b for _, b in intervals) - min(a for a, _ in intervals)
+    return {"blocks": blocks, "stage_ms": busy / blocks, "idle_fraction": max(0.0, 1 - busy / span) if span > 0 else 0.0}
+
+
+def run_blocks(
+    stream: AvatarStream | None,
+    take: Callable[[], BlockWork | None],
+    receive: Callable[[], torch.Tensor] | None,
+    deliver: Callable[[int, torch.Tensor], None],
+    clock: BusyClock,
+) -> float:
+    """One rank's share of a job: for every block it is given, take the latents (noise on rank 0, else what
+    the previous rank sent), run this rank's denoising steps (none on a dedicated decode rank: stream None)
+    and deliver them. Returns the time spent prefilling the sink again (ms)."""
+    sink_ms = 0.0
+    while (work := take()) is not None:
+        k = work.block
+        if stream is not None and work.new_ref is not None:
+            t0 = time.perf_counter()
+            stream.replace_sink(work.new_ref)
+            synchronize(stream.dit.device)  # once per job, so that the time is the prefill's own
+            sink_ms = (time.perf_counter() - t0) * 1000
+        x = to_device(stream.noise_for_block(k), stream.dit.device) if receive is None else receive()
+        if stream is not None:
+            audio = to_device(work.audio, stream.dit.device)
+            clock.start()
+            for step in stream.steps:
+                x = stream.denoise_step(k, step, x, audio)
+            clock.stop()
+        deliver(k, x)
+    return sink_ms
+
+
+# ---------------------------------------------------------------------------------------------- a denoising rank
+def serve(transformer: RankTransformer, schedule: Schedule, rank: int, job_group, host_group) -> None:
+    """A denoising rank's life: wait on the host group for a job, run it, report its timings, until the
+    output rank sends None (shutdown)."""
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=schedule.output_rank, group=host_group)
+        job = message[0]
+        if job is None:
+            return
+        stats = run_job_share(transformer, schedule, rank, job, job_group, host_group)
+        dist.send_object_list([stats], dst=schedule.output_rank, group=host_group)
+
+
+@torch.no_grad()
+def run_job_share(transformer: RankTransformer, schedule: Schedule, rank: int, job: Job, job_group, host_group) -> dict:
+    """This denoising rank's part of one job; returns its timings."""
+    device = transformer.dit.device
+    t0 = time.perf_counter()
+    stream = transformer.stream_part(job.text_context, job.ref_latent, job.motion_latents, None, job.settings,
+                                     schedule.steps_of(rank), cuda_graphs=True)
+    synchronize(device)
+    setup_ms = (time.perf_counter() - t0) * 1000
+    previous = schedule.previous(rank)
+    receive = None if previous is None else latent_receiver(previous, job.latent_shape, device, job_group)
+    sender = LatentSender(schedule.next(rank), job_group)
+    clock = BusyClock(device)
+    take = block_work_receiver(schedule.output_rank, job, device, host_group)
+    sink_ms = run_blocks(stream, take, receive, lambda k, x: sender.send(x), clock)
+    sender.flush()
+    return {"rank": rank, "role": schedule.describe(rank), "setup_ms": setup_ms, "sink_refill_ms": sink_ms,
+            "peak_memory_gb": peak_memory_gb(device), **busy_summary(clock.intervals_ms())}

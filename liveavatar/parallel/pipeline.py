@@ -36,9 +36,8 @@ import torch
 import torch.distributed as dist
 
 from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline
-from liveavatar.engine.stream import Block, StreamSettings, decode_video, start_decoder
+from liveavatar.engine.stream import Block, StreamSettings, _to_uint8_frames, decode_video, start_decoder
 from liveavatar.errors import InputError, LiveAvatarError
-from liveavatar.media.video import frames_to_uint8
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
@@ -164,13 +163,10 @@ class ParallelStream:
                 item = self._take()
                 if item is None:  # the feeder stopped before the last block
                     raise self._audio_error or RuntimeError("the stream ended before its last block")
-                k, video, latents, ready = item
+                k, frames, latents, ready = item
                 if ready is not None:
                     ready.synchronize()
-                waited = (time.perf_counter() - t0) * 1000
-                t0 = time.perf_counter()
-                frames = torch.from_numpy(frames_to_uint8(video))
-                timings = {"wait": waited, "to_uint8": (time.perf_counter() - t0) * 1000}
+                timings = {"wait": (time.perf_counter() - t0) * 1000}
                 block = Block(k, k // s.blocks_per_clip, latents, frames, self.frames_emitted, timings)
                 self.next_block += 1
                 self.frames_emitted += len(frames)
@@ -325,9 +321,9 @@ class ParallelStream:
         if self._cancelled.is_set():
             return  # nothing more is decoded
         self._decode_clock.start()
-        video = decode_video(self._decoder, k, x)
+        frames = _to_uint8_frames(decode_video(self._decoder, k, x))
         self._decode_clock.stop()
-        item = (k, to_host(video), to_host(x.float()))
+        item = (k, to_host(frames), to_host(x.float()))
         ready = torch.cuda.Event() if self._cuda else None
         if ready is not None:
             ready.record()  # behind the copies

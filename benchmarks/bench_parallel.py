@@ -1,0 +1,188 @@
+"""Benchmark of the multi-GPU pipeline (liveavatar.parallel) with random full-size weights, and its check
+against one process on one GPU.
+
+    NCCL_NVLS_ENABLE=0 python -m benchmarks.bench_parallel --gpus 2 --configs bf16 fp8 fp8_fast --out r.json
+    python -m benchmarks.bench_parallel --scale tiny --device cpu --gpus 2 --configs fp32 --sizes 128*128 --clips 2
+
+For each configuration (bf16 or FP8 linear layers, eager or the compiled fast path) one pipeline is started:
+every rank builds the same random models on its own GPU (benchmarks.random_models, same seeds). For each
+size: a warm-up stream of one clip, the measured stream of --clips clips, then (for the first size) the same
+stream in one process on the output rank's GPU, its transformer running all the steps with the same
+options, for the latent check and the one-GPU speed beside it.
+
+Reported per run (seconds unless named otherwise):
+* fps: video frames over the time from blocks() to the last block's frames on the host; steady_fps: over
+  the clips after the first (the pipeline is full and the sink has been replaced);
+* ttff_s: from pipe.stream() (conditioning ready, models loaded and warm) to the first block's frames on
+  the host; ttff_blocks_s: from blocks();
+* ranks: what every rank reports: role, stage_ms (its busy GPU time per block: its denoising steps; on the
+  output rank the steps and the decode), idle_fraction (the share of the time from its first to its last
+  block that its GPU waited), setup_ms (sink prefill and caches), sink_refill_ms, peak_memory_gb;
+* single: the one-process stream: fps, steady_fps, ttff_s, and the largest difference of its latents from
+  the pipeline's (max |a - b| and that over max |b|).
+Frames stop as uint8 arrays on the host (no MP4 muxing: the GPU machine has no PyAV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass
+
+# As benchmarks.run: growable segments keep the allocator from freeing memory (a device-wide sync) mid-stream.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.random_models import SCALES, build_dit, build_vae  # noqa: E402
+from liveavatar.engine.audio_source import PrecomputedAudio  # noqa: E402
+from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline  # noqa: E402
+from liveavatar.engine.stream import StreamSettings  # noqa: E402
+from liveavatar.media import image as image_io  # noqa: E402
+from liveavatar.parallel.launch import start_pipeline  # noqa: E402
+from liveavatar.parallel.worker import DitOptions  # noqa: E402
+
+SEED = 42
+CONFIGS = {
+    "fp32": DitOptions(),  # the CPU check
+    "bf16": DitOptions(),
+    "fp8": DitOptions(fp8=True),
+    "fp8_fast": DitOptions(fp8=True, fast=True),
+    "bf16_fast": DitOptions(fast=True),
+}
+TEXT_TOKENS = 24  # a short prompt; the transformer pads the text to 512 positions whatever its length
+
+
+@dataclass(frozen=True)
+class RandomModels:
+    """The ranks' models (liveavatar.parallel.launch.ModelSource): random weights, the same on every rank."""
+
+    scale: str
+    dtype: torch.dtype
+
+    def load_dit(self, device: torch.device):
+        return build_dit(SCALES[self.scale].dit, device, self.dtype)
+
+    def load_vae(self, device: torch.device):
+        return build_vae(SCALES[self.scale].vae_dim, device, self.dtype)
+
+    def load_encoders(self, device: torch.device):
+        return None, None  # the conditioning is made up here, not encoded
+
+
+def conditioning(pipe: LiveAvatarPipeline, size: str, clips: int, scale: str) -> Conditioning:
+    """A random reference image of the size's own shape (VAE-encoded as usual), text and audio features."""
+    width, height = (int(v) for v in size.split("*"))
+    height, width = image_io.output_size(height, width, image_io.parse_size(size))
+    gen = torch.Generator().manual_seed(SEED)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy()
+    ref, motion = pipe.encode_reference(pixels)
+    text = torch.randn(TEXT_TOKENS, SCALES[scale].dit.text_dim, generator=gen)
+    dit = SCALES[scale].dit
+    audio = PrecomputedAudio(torch.randn(1, dit.audio_layers, dit.audio_dim, clips * 48, generator=gen), clips)
+    return Conditioning(height, width, pixels, ref, motion, text, audio, clips, np.zeros(16000, np.float32))
+
+
+def run_stream(pipe, cond: Conditioning, clips: int) -> tuple[dict, torch.Tensor, list | None]:
+    t0 = time.perf_counter()
+    stream = pipe.stream(cond, StreamSettings(seed=SEED))
+    t1 = time.perf_counter()
+    arrivals, latents, frames = [], [], 0
+    for block in stream.blocks(clips):
+        arrivals.append(time.perf_counter())
+        latents.append(block.latents)
+        frames += len(block.frames)
+    per_clip = stream.settings.blocks_per_clip
+    result = {"frames": frames, "stream_call_s": t1 - t0, "ttff_s": arrivals[0] - t0, "ttff_blocks_s": arrivals[0] - t1,
+              "fps": frames / (arrivals[-1] - t1)}
+    if clips > 1:
+        steady = (len(arrivals) - per_clip) * stream.settings.video_frames_per_block
+        result["steady_fps"] = steady / (arrivals[-1] - arrivals[per_clip - 1])
+    ranks = getattr(stream, "rank_stats", None)
+    del stream
+    gc.collect()  # the caches of this stream go before the next one is made
+    return result, torch.cat(latents, 1), ranks
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--sizes", nargs="+", default=["704*384", "720*400"])
+    parser.add_argument("--clips", type=int, default=3)
+    parser.add_argument("--configs", nargs="+", default=["bf16", "fp8"], choices=sorted(CONFIGS))
+    parser.add_argument("--scale", default="full", choices=sorted(SCALES))
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--deadline_s", type=float, default=float("inf"),
+                        help="start no new run after this many seconds (to end inside a time limit)")
+    parser.add_argument("--out", default="bench_parallel.json")
+    args = parser.parse_args(argv)
+
+    t_start = time.perf_counter()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    report = {"gpus": args.gpus, "clips": args.clips, "scale": args.scale, "torch": torch.__version__, "runs": []}
+    for config in args.configs:
+        if time.perf_counter() - t_start > args.deadline_s:
+            report["runs"].append({"config": config, "skipped": "deadline"})
+            continue
+        t0 = time.perf_counter()
+        pipe = start_pipeline(RandomModels(args.scale, dtype), args.gpus, device_type=args.device,
+                              options=CONFIGS[config], cpu_threads=1 if args.device == "cpu" else None)
+        start_s = time.perf_counter() - t0
+        report.setdefault("device", torch.cuda.get_device_name(pipe.device) if args.device == "cuda" else "cpu")
+        try:
+            for i, size in enumerate(args.sizes):
+                run = {"config": config, "size": size, "start_pipeline_s": start_s}
+                report["runs"].append(run)
+                if time.perf_counter() - t_start > args.deadline_s:
+                    run["skipped"] = "deadline"
+                    continue
+                cond = conditioning(pipe, size, args.clips, args.scale)
+                run["warmup"], _, _ = run_stream(pipe, cond, 1)
+                run["pipeline"], latents, run["ranks"] = run_stream(pipe, cond, args.clips)
+                _write(args.out, report)
+                if i > 0 or pipe.dit is None or time.perf_counter() - t_start > args.deadline_s:
+                    continue
+                # One process on one GPU with the same models and options (the output rank's transformer).
+                single = LiveAvatarPipeline(pipe.dit, pipe.vae, None, None, kv_dtype=pipe.kv_dtype, fast=pipe.fast)
+                run_stream(single, cond, 1)  # warm-up of the one-process path
+                run["single"], reference, _ = run_stream(single, cond, args.clips)
+                diff = (latents.double() - reference.double()).abs().max().item()
+                run["single"]["latents_max_abs_diff"] = diff
+                run["single"]["latents_max_rel_diff"] = diff / reference.double().abs().max().item()
+                _write(args.out, report)
+        finally:
+            pipe.close()
+    _write(args.out, report)
+    _print_table(report)
+
+
+def _write(path: str, report: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _print_table(report: dict) -> None:
+    print(f"\n{report.get('device')}, {report['gpus']} ranks, {report['clips']} clips, torch {report['torch']}")
+    print(f"{'run':<20}{'fps':>6}{'steady':>7}{'ttff':>6}{'1-GPU steady':>13}{'1-GPU ttff':>11}{'max rel Δ':>10}"
+          f"  ranks: stage ms / idle % / peak GiB")
+    for run in report["runs"]:
+        name = f"{run['config']} {run.get('size', '')}"
+        if "skipped" in run or "pipeline" not in run:
+            print(f"{name:<20}  skipped ({run.get('skipped', 'failed')})")
+            continue
+        p, s = run["pipeline"], run.get("single", {})
+        ranks = "  ".join(f"r{r['rank']} {r['stage_ms']:.0f}/{100 * r['idle_fraction']:.0f}/{r['peak_memory_gb']:.0f}"
+                          for r in run["ranks"])
+        print(f"{name:<20}{p['fps']:>6.1f}{p.get('steady_fps', 0):>7.1f}{p['ttff_s']:>6.2f}"
+              f"{s.get('steady_fps', float('nan')):>13.1f}{s.get('ttff_s', float('nan')):>11.2f}"
+              f"{s.get('latents_max_rel_diff', float('nan')):>10.1e}  {ranks}")
+
+
+if __name__ == "__main__":
+    main()

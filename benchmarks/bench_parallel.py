@@ -129,8 +129,12 @@ def main(argv=None) -> None:
             report["runs"].append({"config": config, "skipped": "deadline"})
             continue
         t0 = time.perf_counter()
-        pipe = start_pipeline(RandomModels(args.scale, dtype), args.gpus, device_type=args.device,
-                              options=CONFIGS[config], cpu_threads=1 if args.device == "cpu" else None)
+        try:
+            pipe = start_pipeline(RandomModels(args.scale, dtype), args.gpus, device_type=args.device,
+                                  options=CONFIGS[config], cpu_threads=1 if args.device == "cpu" else None)
+        except Exception as e:
+            report["runs"].append({"config": config, "error": f"start: {type(e).__name__}: {e}"})
+            continue
         start_s = time.perf_counter() - t0
         report.setdefault("device", torch.cuda.get_device_name(pipe.device) if args.device == "cuda" else "cpu")
         try:
@@ -140,24 +144,33 @@ def main(argv=None) -> None:
                 if time.perf_counter() - t_start > args.deadline_s:
                     run["skipped"] = "deadline"
                     continue
-                cond = conditioning(pipe, size, args.clips, args.scale)
-                run["warmup"], _, _ = run_stream(pipe, cond, 1)
-                run["pipeline"], latents, run["ranks"] = run_stream(pipe, cond, args.clips)
-                _write(args.out, report)
-                if i > 0 or pipe.dit is None or time.perf_counter() - t_start > args.deadline_s:
-                    continue
-                # One process on one GPU with the same models and options (the output rank's transformer).
-                single = LiveAvatarPipeline(pipe.dit, pipe.vae, None, None, kv_dtype=pipe.kv_dtype, fast=pipe.fast)
-                run_stream(single, cond, 1)  # warm-up of the one-process path
-                run["single"], reference, _ = run_stream(single, cond, args.clips)
-                diff = (latents.double() - reference.double()).abs().max().item()
-                run["single"]["latents_max_abs_diff"] = diff
-                run["single"]["latents_max_rel_diff"] = diff / reference.double().abs().max().item()
+                try:
+                    measure(pipe, run, size, i == 0, args, t_start)
+                except Exception as e:  # recorded; the other runs go on
+                    run["error"] = f"{type(e).__name__}: {e}"
+                    if pipe.broken:
+                        break
                 _write(args.out, report)
         finally:
             pipe.close()
     _write(args.out, report)
     _print_table(report)
+
+
+def measure(pipe, run: dict, size: str, with_single: bool, args, t_start: float) -> None:
+    """The warm-up and measured streams of one size, and (with_single) the one-process stream beside them."""
+    cond = conditioning(pipe, size, args.clips, args.scale)
+    run["warmup"], _, _ = run_stream(pipe, cond, 1)
+    run["pipeline"], latents, run["ranks"] = run_stream(pipe, cond, args.clips)
+    if not with_single or pipe.dit is None or time.perf_counter() - t_start > args.deadline_s:
+        return
+    # One process on one GPU with the same models and options (the output rank's transformer).
+    single = LiveAvatarPipeline(pipe.dit, pipe.vae, None, None, kv_dtype=pipe.kv_dtype, fast=pipe.fast)
+    run_stream(single, cond, 1)  # warm-up of the one-process path
+    run["single"], reference, _ = run_stream(single, cond, args.clips)
+    diff = (latents.double() - reference.double()).abs().max().item()
+    run["single"]["latents_max_abs_diff"] = diff
+    run["single"]["latents_max_rel_diff"] = diff / reference.double().abs().max().item()
 
 
 def _write(path: str, report: dict) -> None:
@@ -173,8 +186,8 @@ def _print_table(report: dict) -> None:
           f"  ranks: stage ms / idle % / peak GiB")
     for run in report["runs"]:
         name = f"{run['config']} {run.get('size', '')}"
-        if "skipped" in run or "pipeline" not in run:
-            print(f"{name:<20}  skipped ({run.get('skipped', 'failed')})")
+        if "pipeline" not in run:
+            print(f"{name:<20}  {run.get('skipped') or run.get('error', 'failed')}")
             continue
         p, s = run["pipeline"], run.get("single", {})
         ranks = "  ".join(f"r{r['rank']} {r['stage_ms']:.0f}/{100 * r['idle_fraction']:.0f}/{r['peak_memory_gb']:.0f}"

@@ -63,11 +63,14 @@ def test_gpu_out_of_memory_names_remedies_and_keeps_the_video(pipe, tmp_path, mo
         return real_forward(*args, **kwargs)
 
     monkeypatch.setattr(pipe.dit, "forward_block", forward_that_runs_out_of_memory)
-    with pytest.raises(OutOfMemory, match=r"smaller --size .*--offload_model True, or --fp8; the 57 frames made so far"):
+    with pytest.raises(OutOfMemory, match=r"smaller --size .*--offload_model True, or --fp8; the \d+ frames made so far") as info:
         list(run_job(pipe, _spec(tmp_path)))
     monkeypatch.undo()
+    # Blocks finished before the failure are all in the file (with decode pipelining the block before the
+    # failing one may still be in flight, so 45 or 57 frames), and the message says how many.
     frames, *_ = read_video(tmp_path / "out.mp4.partial")
-    assert len(frames) == 57  # blocks 0..4, all complete
+    assert len(frames) in (45, 57)
+    assert f"the {len(frames)} frames made so far" in str(info.value)
     _assert_resumed_equal(pipe, tmp_path, reference)
 
 

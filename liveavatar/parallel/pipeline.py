@@ -58,6 +58,33 @@ class RankFailed(LiveAvatarError):
     """Another rank of the pipeline exited; the pipeline must be started again."""
 
 
+class _Lane:
+    """A daemon thread that runs one task at a time for as long as the pipeline lives. Every stream's feeder
+    and stage run on the same two lanes, so per-thread GPU state outlives a stream: cuDNN's attention plans,
+    for one, are cached per thread, and a new thread per stream would build them again for every stream."""
+
+    def __init__(self, name: str):
+        self._tasks: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, task, *args) -> threading.Event:
+        """Runs task(*args) after the tasks before it (it must handle its own errors); the event is set when done."""
+        done = threading.Event()
+        self._tasks.put((task, args, done))
+        return done
+
+    def stop(self) -> None:
+        self._tasks.put(None)
+
+    def _run(self) -> None:
+        while (item := self._tasks.get()) is not None:
+            task, args, done = item
+            try:
+                task(*args)
+            finally:
+                done.set()
+
+
 class ParallelPipeline(LiveAvatarPipeline):
     """The output rank's pipeline: encoders and VAE here, the transformer here only if this rank also
     denoises. Built by `liveavatar.parallel.launch.start_pipeline`, which starts the other ranks."""
@@ -75,6 +102,7 @@ class ParallelPipeline(LiveAvatarPipeline):
         self._lock = threading.Lock()
         self._active: ParallelStream | None = None  # the ranks run one stream at a time
         self.broken: str | None = None
+        self.lanes = {"feed": _Lane("liveavatar-feed"), "stage": _Lane("liveavatar-stage")}
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +135,8 @@ class ParallelPipeline(LiveAvatarPipeline):
                 self._active.close()
             if self.broken is None and self.schedule.world_size > 1:
                 dist.broadcast_object_list([None], src=self.schedule.output_rank, group=self.host_group)
+        for lane in self.lanes.values():
+            lane.stop()
         for process in self.processes:
             process.join(timeout=30)
             if process.is_alive():
@@ -149,7 +179,7 @@ class ParallelStream:
         self._new_ref: torch.Tensor | None = None
         self._failure: BaseException | None = None  # an error of this rank's threads: the pipeline is broken
         self._audio_error: BaseException | None = None  # the audio source ended the stream early
-        self._threads: list[threading.Thread] = []
+        self._running: dict[str, threading.Event] = {}  # the feeder and the stage of this stream, until they end
         self._done = False
 
     # ------------------------------------------------------------------ the caller's thread: frames out
@@ -180,22 +210,20 @@ class ParallelStream:
 
     def close(self) -> None:
         """Ends a stream whose blocks() never ran (the other ranks are told the job has no blocks)."""
-        if not self._threads:
+        if not self._running:
             self._start(0)
             self._finish()
         elif not self._done:
             raise LiveAvatarError("the multi-GPU pipeline is running another stream")
 
     def _start(self, total: int) -> None:
-        if self._threads:
+        if self._running:
             raise LiveAvatarError("a multi-GPU stream runs once; make a new one with pipe.stream()")
         with self._on(self._streams.get("stage")):  # the caller's thread may have another current device
             self._stage_clock = BusyClock(self.pipe.vae.device)
             self._decode_clock = BusyClock(self.pipe.vae.device, origin=self._stage_clock.origin)
-        self._threads = [threading.Thread(target=self._feed, args=(total,), name="liveavatar-feed", daemon=True),
-                         threading.Thread(target=self._stage, name="liveavatar-stage", daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        self._running["stage"] = self.pipe.lanes["stage"].submit(self._stage)
+        self._running["feed"] = self.pipe.lanes["feed"].submit(self._feed, total)
 
     def _take(self) -> tuple | None:
         while True:
@@ -211,12 +239,12 @@ class ParallelStream:
         (nothing more is decoded), so that they are ready for the next job."""
         self._cancelled.set()
         try:
-            for thread in self._threads:
-                while thread.is_alive() and self._failure is None:
+            for running in self._running.values():
+                while not running.is_set() and self._failure is None:
                     with contextlib.suppress(queue.Empty):
                         while True:
                             self._decode_queue.get_nowait()
-                    thread.join(POLL_S)
+                    running.wait(POLL_S)
                     self.pipe.check_ranks()
             if self._failure is not None:  # the other ranks may be anywhere in the job: nothing more is sent
                 self.pipe.broken = f"{type(self._failure).__name__}: {self._failure}"
@@ -282,12 +310,12 @@ class ParallelStream:
                 self._feed_queue.put(work, timeout=POLL_S)
                 return
             except queue.Full:
-                if not self._threads[1].is_alive():
+                if self._running["stage"].is_set():
                     return
 
     def _wait(self, event: threading.Event) -> bool:
         while not event.wait(POLL_S):
-            if self._cancelled.is_set() or not self._threads[1].is_alive():
+            if self._cancelled.is_set() or self._running["stage"].is_set():
                 return False
         return True
 
@@ -301,7 +329,7 @@ class ParallelStream:
                 if previous is not None:
                     receive = latent_receiver(previous, self._latent_shape, self.pipe.vae.device, self.pipe.job_group)
                 self._sink_ms = run_blocks(self._part, self._feed_queue.get, receive, self._deliver, self._stage_clock)
-            self._threads[0].join()  # its last sends are done before the host group is used again
+            self._running["feed"].wait()  # its last sends are done before the host group is used again
             self._worker_stats = []
             for rank in range(self.rank):
                 received = [None]

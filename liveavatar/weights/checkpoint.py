@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from liveavatar.errors import CheckpointError
-from liveavatar.weights.files import require_dir, require_file
+from liveavatar.weights.files import require_dir, require_file, require_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,21 @@ class CheckpointLayout:
             raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__})") from None
         shards = sorted(set(weight_map.values()))
         return [require_file(self.wan_dir / s, f"transformer shard listed in {index.name}") for s in shards]
+
+    def require_complete(self) -> None:
+        """Checks that every file the models load is present (safetensors headers included) before any is loaded,
+        so that a folder missing its last part fails in a second rather than after the others have loaded."""
+        require_dir(self.wan_dir, "Wan2.2-S2V-14B folder")
+        require_file(self.dit_config, "transformer config")
+        for shard in self.dit_shards():
+            require_safetensors(shard, "transformer weights")
+        require_file(self.t5_file, "umT5 text encoder")
+        require_file(self.tokenizer_dir / "tokenizer.json", "umT5 tokenizer")
+        require_file(self.vae_file, "Wan2.1 VAE")
+        require_file(self.wav2vec2_dir / "config.json", "wav2vec2 config")
+        require_file(self.wav2vec2_dir / "preprocessor_config.json", "wav2vec2 feature-extractor config")
+        require_safetensors(self.wav2vec2_dir / "model.safetensors", "wav2vec2 weights")
+        require_safetensors(self.lora_file, "LoRA weights (liveavatar.safetensors)")
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

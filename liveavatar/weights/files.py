@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -10,6 +12,28 @@ from typing import Mapping
 import torch
 
 from liveavatar.errors import CheckpointError
+
+
+# Leading bytes of files that end up under a checkpoint's name by mistake (a renamed or failed download).
+_SIGNATURES = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a RIFF file (WAV audio or WebP image)"),
+    (b"version https://git-lfs", "a Git LFS pointer (fetch the weights with git lfs pull or liveavatar download)"),
+    (b"<!doctype html", "an HTML page (a failed download?)"),
+    (b"<html", "an HTML page (a failed download?)"),
+)
+
+
+def _unreadable(path: Path, what: str, detail: str) -> CheckpointError:
+    """The error for a file that does not load: names what it is instead when it is one of the usual mix-ups."""
+    with path.open("rb") as f:
+        head = f.read(32)
+    kind = next((name for magic, name in _SIGNATURES if head.lower().startswith(magic.lower())), None)
+    if kind is not None:
+        return CheckpointError(f"{path}: this is {kind}, not the {what}")
+    return CheckpointError(f"{path}: {detail}")
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -22,6 +46,26 @@ def require_file(path: str | Path, what: str) -> Path:
         raise CheckpointError(f"{path}: missing; expected the {what}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file; expected the {what}")
+    return path
+
+
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+def require_safetensors(path: str | Path, what: str) -> Path:
+    """`require_file`, and the file must start with a safetensors header (read without loading any tensor)."""
+    path = require_file(path, what)
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        ok = 2 <= length <= min(path.stat().st_size - 8, _MAX_HEADER_BYTES)
+        if ok:
+            try:
+                ok = isinstance(json.loads(f.read(length)), dict)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                ok = False
+    if not ok:
+        raise _unreadable(path, what, f"not a safetensors file (no valid header); expected the {what}")
     return path
 
 
@@ -38,7 +82,7 @@ def load_torch_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read the {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise _unreadable(path, what, f"cannot read the {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state_dict of tensors for the {what}")
     return dict(state)

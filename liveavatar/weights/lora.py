@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from liveavatar.errors import CheckpointError
-from liveavatar.weights.files import require_file
+from liveavatar.weights.files import require_safetensors
 
 # Training config of Live Avatar: rank 128, alpha 64. The file carries no alpha, so the scale is fixed.
 LORA_SCALE = 64 / 128
@@ -38,7 +38,7 @@ def target_modules(model: nn.Module) -> dict[str, nn.Linear]:
 
 def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Returns {module name: (A [r, in], B [out, r])}; raises CheckpointError for unreadable or unpaired keys."""
-    path = require_file(path, "LoRA weights (liveavatar.safetensors)")
+    path = require_safetensors(path, "LoRA weights (liveavatar.safetensors)")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     bad: list[str] = []
     try:

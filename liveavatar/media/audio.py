@@ -38,14 +38,16 @@ def _mono(planes: np.ndarray) -> np.ndarray:
     return planes[0] if len(planes) == 1 else planes.mean(axis=0, dtype=np.float32)
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
     """Decodes the first audio stream of ``path`` to mono float32 at ``sample_rate``.
 
     The rate is converted by FFmpeg's resampler (libswresample), then the channels are averaged.
     A file that is already mono PCM at ``sample_rate`` passes through unchanged, so 16-bit samples
     come out as exactly int16 / 32768 (what librosa gives the reference pipeline).
     Raises InputError for a file that is missing, empty, corrupt, has no audio stream, or whose
-    audio has no samples.
+    audio has no samples, or is longer than ``max_seconds``: by the duration the file declares, before
+    decoding, and by the samples decoded (a few kilobytes of compressed silence can declare nothing and
+    decode to hours).
     """
     path = Path(path)
     _check_file(path)
@@ -57,6 +59,12 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
         if not container.streams.audio:
             raise InputError(f"file has no audio stream: {path}")
         stream = container.streams.audio[0]
+        if max_seconds is not None:
+            declared = _declared_seconds(container, stream)
+            if declared is not None and declared > max_seconds:
+                raise _too_long(path, declared, max_seconds)
+        limit = None if max_seconds is None else int(max_seconds * sample_rate) + 1
+        decoded = 0
         # Resample every channel, then average them (librosa's downmix). FFmpeg's own downmix
         # would weight each channel by 0.707, making centred stereo 3 dB louder than the mean.
         resampler = av.AudioResampler(format="fltp", rate=sample_rate)
@@ -66,12 +74,28 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
                 # The timestamps are irrelevant here: samples are simply concatenated.
                 frame.pts = None
                 chunks.extend(_mono(out.to_ndarray()) for out in resampler.resample(frame))
+                decoded += frame.samples * sample_rate / frame.sample_rate
+                if limit is not None and decoded > limit:
+                    raise _too_long(path, decoded / sample_rate, max_seconds, at_least=True)
             chunks.extend(_mono(out.to_ndarray()) for out in resampler.resample(None))
         except av.FFmpegError as exc:
             raise InputError(f"audio data is corrupt: {path}: {exc}") from None
     if not chunks or sum(len(c) for c in chunks) == 0:
         raise InputError(f"audio stream has no samples (zero length): {path}")
     return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def _declared_seconds(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _too_long(path: Path, seconds: float, limit: float, at_least: bool = False) -> InputError:
+    length = f"{'more than ' if at_least else ''}{seconds:.1f} s"
+    return InputError(f"audio is too long: {length}, the limit is {limit:g} s: {path}")
 
 
 def trim_silence(

@@ -159,7 +159,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             return _to_rgb(img).copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(
-            f"image is too large: more than {MAX_IMAGE_PIXELS} pixels, the limit (possible decompression bomb): {path}"
+            f"image is too large: over the limit of {MAX_IMAGE_PIXELS} pixels (possible decompression bomb): {path}"
         ) from None
     except UnidentifiedImageError:
         raise InputError(f"not an image file (unknown or unsupported format): {path}") from None

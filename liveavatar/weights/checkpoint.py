@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from liveavatar.errors import CheckpointError
-from liveavatar.weights.files import require_dir, require_file, require_safetensors
+from liveavatar.weights.files import require_dir, require_file, require_safetensors, require_weights
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ class CheckpointLayout:
         require_file(self.dit_config, "transformer config")
         for shard in self.dit_shards():
             require_safetensors(shard, "transformer weights")
-        require_file(self.t5_file, "umT5 text encoder")
+        require_weights(self.t5_file, "umT5 text encoder")
         require_file(self.tokenizer_dir / "tokenizer.json", "umT5 tokenizer")
-        require_file(self.vae_file, "Wan2.1 VAE")
+        require_weights(self.vae_file, "Wan2.1 VAE")
         require_file(self.wav2vec2_dir / "config.json", "wav2vec2 config")
         require_file(self.wav2vec2_dir / "preprocessor_config.json", "wav2vec2 feature-extractor config")
         require_safetensors(self.wav2vec2_dir / "model.safetensors", "wav2vec2 weights")

@@ -26,14 +26,26 @@ _SIGNATURES = (
 )
 
 
+def _impostor(path: Path) -> str | None:
+    """What the file is when its first bytes are one of the usual mix-ups (never a valid weights file)."""
+    with path.open("rb") as f:
+        head = f.read(32).lower()
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic.lower())), None)
+
+
 def _unreadable(path: Path, what: str, detail: str) -> CheckpointError:
     """The error for a file that does not load: names what it is instead when it is one of the usual mix-ups."""
-    with path.open("rb") as f:
-        head = f.read(32)
-    kind = next((name for magic, name in _SIGNATURES if head.lower().startswith(magic.lower())), None)
+    kind = _impostor(path)
+    return CheckpointError(f"{path}: this is {kind}, not the {what}" if kind else f"{path}: {detail}")
+
+
+def require_weights(path: str | Path, what: str) -> Path:
+    """`require_file`, and the file must not be an image, a Git LFS pointer or an HTML page (read: 32 bytes)."""
+    path = require_file(path, what)
+    kind = _impostor(path)
     if kind is not None:
-        return CheckpointError(f"{path}: this is {kind}, not the {what}")
-    return CheckpointError(f"{path}: {detail}")
+        raise CheckpointError(f"{path}: this is {kind}, not the {what}")
+    return path
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -19,27 +19,39 @@ import logging
 import os
 import resource
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import av
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
+from liveavatar.engine.audio_source import clips_covered
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.engine.stream import DROPPED_FIRST_FRAMES, FRAMES_PER_LATENT, Block, StreamSettings
 from liveavatar.errors import DiskFull, InputError, JobStopped, OutOfMemory
 from liveavatar.media import audio as audio_io
 from liveavatar.media import image as image_io
 from liveavatar.media.video import PARTIAL_SUFFIX, FragmentedMP4Writer
+from liveavatar.models.text_encoder import clean_prompt
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 STATE_DIR_SUFFIX = ".resume"
 STATES_KEPT = 2  # the newest state may be ahead of what reached the MP4; the one before never is
+MAX_SEED = 2**63 - 1  # the noise generator takes seed + clip as a 64-bit integer
+# wav2vec2 needs 400 samples (25 ms) for its first frame and one 20 ms hop more for one 30 fps feature frame.
+MIN_SPEECH_SAMPLES = 720
+# Disk space the preflight asks for: the video at a bit rate H.264 (CRF 18) stays under for a talking head
+# (the random test models' noise-like frames take about 3 bits per pixel), plus room for the run log, the
+# summary and a resume state. A disk that fills up anyway is reported when a write fails (DiskFull).
+VIDEO_BITS_PER_PIXEL = 0.5
+MIN_FREE_BYTES = 100 * 2**20
 
 
 @dataclass
@@ -59,6 +71,7 @@ class JobSpec:
     normalize_loudness: bool = False
     rolling_sink: bool = True  # see StreamSettings.rolling_sink
     fps: int = 25
+    max_audio_s: float | None = None  # longer speech is refused (the services' limit; the command line has none)
 
     def fingerprint(self) -> str:
         """Identifies the inputs and settings whose output a resume state belongs to."""
@@ -73,7 +86,7 @@ class JobSpec:
 
 @dataclass
 class Progress:
-    block: Block
+    block: Block | None  # None where only the counts are kept (a service's task view)
     blocks_done: int
     blocks_total: int
     frames_done: int
@@ -98,19 +111,21 @@ class JobResult:
 
 
 def load_speech(spec: JobSpec) -> np.ndarray:
-    wave = audio_io.load_audio(spec.audio, SAMPLE_RATE)
+    wave = audio_io.load_audio(spec.audio, SAMPLE_RATE, max_seconds=spec.max_audio_s)
     if spec.trim_silence:
         wave = audio_io.trim_silence(wave, SAMPLE_RATE)
     if spec.normalize_loudness:
         wave = audio_io.normalize_loudness(wave, SAMPLE_RATE)
-    if len(wave) == 0:
-        raise InputError(f"{spec.audio}: no audio left after trimming silence")
+    if len(wave) < MIN_SPEECH_SAMPLES:
+        raise InputError(f"{spec.audio}: the audio is {len(wave) / SAMPLE_RATE * 1000:.0f} ms long; at least "
+                         f"{MIN_SPEECH_SAMPLES / SAMPLE_RATE * 1000:.0f} ms are needed")
     return wave
 
 
-def preflight(spec: JobSpec) -> None:
-    """Checks what can be checked before any model work: options, inputs exist, output folder writable, disk space."""
-    image_io.parse_size(spec.size)
+def preflight(spec: JobSpec) -> np.ndarray:
+    """Checks everything that can be checked before any model work and returns the speech (16 kHz mono):
+    options, the prompt, both inputs decoded, the output folder (created, writable) and the free disk space."""
+    area = image_io.parse_size(spec.size)
     block_frames = FRAMES_PER_LATENT * StreamSettings.latent_frames_per_block
     if spec.infer_frames < block_frames or spec.infer_frames % block_frames:
         raise InputError(f"--infer_frames {spec.infer_frames}: must be a positive multiple of {block_frames}")
@@ -118,20 +133,64 @@ def preflight(spec: JobSpec) -> None:
         raise InputError(f"--sample_steps {spec.sample_steps}: must be at least 1")
     if spec.num_clip is not None and spec.num_clip < 1:
         raise InputError(f"--num_clip must be at least 1, got {spec.num_clip}")
+    if not 0 <= spec.seed <= MAX_SEED:
+        raise InputError(f"--base_seed {spec.seed}: must be between 0 and {MAX_SEED} (the original scripts took a "
+                         f"negative seed to mean a random one; pass the number to use)")
+    _check_prompt(spec.prompt)
+    if spec.output.suffix.lower() != ".mp4":
+        raise InputError(f"{spec.output}: the output must be an .mp4 file")
     for path, what in ((spec.image, "reference image"), (spec.audio, "audio")):
         if not Path(path).is_file():
             raise InputError(f"{path}: {what} not found")
-    out_dir = Path(spec.output).resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise InputError(f"{out_dir}: output folder is not writable")
-    if shutil.disk_usage(out_dir).free < 100 * 2**20:
-        raise InputError(f"{out_dir}: less than 100 MB of free disk space")
-    if spec.output.suffix.lower() != ".mp4":
-        raise InputError(f"{spec.output}: the output must be an .mp4 file")
+    img = image_io.load_image(spec.image)
+    height, width = image_io.output_size(img.height, img.width, area)
+    wave = load_speech(spec)
+    clips = clips_covered(len(wave), spec.fps, spec.infer_frames)
+    frames = min(clips, spec.num_clip or clips) * spec.infer_frames - DROPPED_FIRST_FRAMES
+    for path in (spec.output, spec.save_latents):
+        if path is not None:
+            _check_output_path(Path(path))
     partial = Path(str(spec.output) + PARTIAL_SUFFIX)
     if partial.exists() and not spec.resume:
         raise InputError(f"{partial} exists from an interrupted run: pass --resume to continue it, or delete it")
+    out_dir = Path(spec.output).resolve().parent
+    needed = int(frames * width * height * VIDEO_BITS_PER_PIXEL / 8) + MIN_FREE_BYTES
+    free = shutil.disk_usage(out_dir).free
+    if free < needed:
+        raise InputError(f"{out_dir}: not enough free disk space: {free / 2**20:.0f} MB free, about "
+                         f"{needed / 2**20:.0f} MB needed ({frames} frames of {width}x{height}, the run log and "
+                         f"a resume state)")
+    return wave
+
+
+def _check_prompt(prompt: str) -> None:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(prompt[e.start])
+        # Undecodable bytes of a command line arrive as U+DC80..U+DCFF (Python's surrogateescape).
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
+        raise InputError(f"the prompt is not UTF-8 text ({what} at character {e.start}); pass it UTF-8 encoded") from None
+
+
+def _check_output_path(path: Path) -> None:
+    """The file's folder exists (it is created) and takes new files, and the file itself is not a folder."""
+    folder = path.resolve().parent
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file, not a folder to write {path.name} into")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{folder}: cannot create the output folder ({e.strerror})") from None
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; expected a file name to write")
+    # Creating a file, not os.access: that also fails on an exhausted quota or inode table, and on network file
+    # systems whose permissions the client cannot judge.
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".liveavatar-probe-")
+    except OSError as e:
+        raise InputError(f"{folder}: the output folder is not writable ({e.strerror})") from None
+    probe.close()
 
 
 class ResumeStore:
@@ -145,7 +204,15 @@ class ResumeStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"state-{state['stream']['next_block']:09d}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        try:
+            # Through a Python file: a full disk then raises OSError (ENOSPC), not an opaque RuntimeError.
+            with tmp.open("wb") as f:
+                torch.save({**state, "fingerprint": self.fingerprint}, f)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(path)  # a failed write() names no file
+            raise
         os.replace(tmp, path)
         for old in sorted(self.dir.glob("state-*.pt"))[:-STATES_KEPT]:
             old.unlink()
@@ -172,9 +239,9 @@ def run_job(
     `should_stop` is polled after every block: when it returns True the job saves a resume state at that
     block, finalises the partial MP4 (playable, with everything generated so far) and raises JobStopped.
     """
-    preflight(spec)
     t_start = time.perf_counter()
-    wave = load_speech(spec)
+    wave = preflight(spec)
+    _note_prompt_truncation(pipe, spec.prompt)
     settings = StreamSettings(frames_per_clip=spec.infer_frames, sample_steps=spec.sample_steps, seed=spec.seed,
                               fps=spec.fps, rolling_sink=spec.rolling_sink)
     cond = pipe.prepare(spec.image, wave, spec.prompt, spec.size, fps=spec.fps, frames_per_clip=spec.infer_frames)
@@ -242,6 +309,9 @@ def run_job(
                     f"stopped after {stream.frames_emitted} of {frames_total} frames: {partial} plays what was "
                     f"generated" + ("; rerun the same command with --resume to continue" if stream.resumable else "")
                 )
+        if spec.save_latents is not None:
+            _save_latents(spec.save_latents, torch.cat(latents, dim=1))
+        output = writer.close()
     except JobStopped:
         raise
     except BaseException as e:
@@ -252,21 +322,15 @@ def run_job(
         if isinstance(e, torch.cuda.OutOfMemoryError):
             raise OutOfMemory(
                 f"GPU out of memory at {cond.width}x{cond.height}: use a smaller --size (e.g. 688*368 or 384*256), "
-                f"--offload_model True, or --fp8; the {writer.frames_written} frames made so far are in {partial} "
+                f"--offload_model True, or --fp8; the {_frames_on_disk(partial)} frames made so far are in {partial} "
                 f"(rerun with --resume to continue)"
             ) from None
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise DiskFull(
-                f"disk full while writing {partial}: the {writer.frames_written} frames written so far are kept "
-                f"(playable); free space and rerun with --resume to continue"
+                f"disk full while writing {e.filename or partial}: the {_frames_on_disk(partial)} frames written so "
+                f"far are kept (playable in {partial.name}); free space and rerun with --resume to continue"
             ) from None
         raise
-    if spec.save_latents is not None:
-        spec.save_latents.parent.mkdir(parents=True, exist_ok=True)
-        tmp = spec.save_latents.with_name(spec.save_latents.name + ".tmp")
-        save_file({"latents": torch.cat(latents, dim=1).contiguous()}, str(tmp))
-        os.replace(tmp, spec.save_latents)
-    output = writer.close()
     store.clear()
     seconds = time.perf_counter() - t_start
     generated = stream.frames_emitted
@@ -282,8 +346,38 @@ def run_job(
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary["spec"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
     summary["device"] = str(pipe.device)
-    _write_json(spec.output.with_suffix(".json"), summary)
+    try:
+        _write_json(spec.output.with_suffix(".json"), summary)
+    except OSError as e:  # the video is complete and in place; only its summary is missing
+        log.warning("could not write the summary %s (%s)", spec.output.with_suffix(".json"), e.strerror)
     yield result
+
+
+def _note_prompt_truncation(pipe: LiveAvatarPipeline, prompt: str) -> None:
+    encoder = pipe.text_encoder
+    tokens = len(encoder.tokenizer(clean_prompt(prompt), add_special_tokens=True)["input_ids"])
+    if tokens > encoder.text_len:
+        log.warning("the prompt is %d tokens long; only its first %d are used", tokens, encoder.text_len)
+
+
+def _frames_on_disk(partial: Path) -> int:
+    """Complete frames in a partial MP4 left by a failed run (what plays and what a resume keeps)."""
+    try:
+        return FragmentedMP4Writer.resume_points(partial)[-1] if partial.exists() else 0
+    except (InputError, OSError, av.FFmpegError):
+        return 0
+
+
+def _save_latents(path: Path, latents: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        # Bytes written through a Python file, so that a full disk raises OSError (ENOSPC).
+        tmp.write_bytes(safetensors_bytes({"latents": latents.contiguous()}))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -8,7 +8,9 @@ but ignores are refused with an explanation, so a carried-over script never sile
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -123,6 +125,7 @@ def _add_service_args(parser, size_help: str) -> None:
     _add(parser, "offload_model", type=_bool, nargs="?", const=True, default=False, help="keep the text and audio encoders off the GPU except while used")
     _add(parser, "work_dir", type=Path, help="folder for uploads and outputs (default: a new temporary folder)")
     _add(parser, "max_queue", type=int, default=8, help="requests that may wait; more are refused (default: %(default)s)")
+    _add(parser, "max_audio_s", type=float, default=600, help="longest speech a job may have, in seconds (default: %(default)s)")
     _add(parser, "size", default="704*384", help=f"{size_help} (default: %(default)s)")
     _add(parser, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -148,16 +151,16 @@ COMPAT_REFUSED = {
 _REFUSED_OK = {"sample_guide_scale": {"0", "0.0"}, "sample_solver": {"euler"}, "ulysses_size": {"1"}}
 
 
-def _check_compat(args) -> None:
-    for flag, why in COMPAT_NOTICE.items():
-        if getattr(args, flag) is not None:
-            log.info("--%s: accepted; %s", flag, why)
+def _check_compat(args) -> list[str]:
+    """Raises for refused flags; returns the notices for accepted ones (logged once the run log is open)."""
+    notices = [f"--{flag}: accepted; {why}" for flag, why in COMPAT_NOTICE.items() if getattr(args, flag) is not None]
     if args.task not in (None, "True", "s2v-14B"):
         raise LiveAvatarError(f"--task {args.task}: only s2v-14B is supported")
     for flag, why in COMPAT_REFUSED.items():
         value = getattr(args, flag)
         if value is not None and value.strip().lower() not in _REFUSED_OK.get(flag, set()):
             raise LiveAvatarError(f"--{flag} {value}: refused, {why}")
+    return notices
 
 
 def _default_output(args) -> Path:
@@ -179,11 +182,24 @@ def _resolve_device(args):
     return device, getattr(torch, dtype_name)
 
 
+class _RunLog(logging.FileHandler):
+    """The run log. Names that are not UTF-8 (file names, arguments) are written escaped, and a full disk, which
+    the job reports itself, adds no logging traceback to that one-line error."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, mode="a", encoding="utf-8", errors="backslashreplace")
+
+    def handleError(self, record):
+        if isinstance(sys.exc_info()[1], OSError) and sys.exc_info()[1].errno == errno.ENOSPC:
+            return
+        super().handleError(record)
+
+
 def _setup_logging(level: str, log_file: Path | None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="a"))
+        handlers.append(_RunLog(log_file))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
 
 
@@ -194,10 +210,11 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     from liveavatar.engine.job import JobResult, JobSpec, preflight, run_job
     from liveavatar.engine.pipeline import LiveAvatarPipeline
     from liveavatar.weights import hub
+    from liveavatar.weights.checkpoint import CheckpointLayout
 
     output = args.save_file or _default_output(args)
     _setup_logging(args.log_level, None)
-    _check_compat(args)
+    notices = _check_compat(args)
     device, dtype = _resolve_device(args)
     spec = JobSpec(
         image=args.image, audio=args.audio, prompt=args.prompt, output=output, size=args.size, num_clip=args.num_clip,
@@ -208,6 +225,8 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     preflight(spec)
     _setup_logging(args.log_level, output.with_suffix(".log"))  # only once the output folder is known good
     log.info("run: %s", " ".join(sys.argv))
+    for notice in notices:
+        log.info("%s", notice)
     log.info("device %s (%s), torch %s", device, dtype, torch.__version__)
     if args.ckpt_dir is not None:
         ckpt_dir, lora = args.ckpt_dir, None
@@ -215,6 +234,7 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
         ckpt_dir, lora = hub.cached_checkpoint()
     if args.lora_path_dmd:
         lora = hub.resolve_lora(args.lora_path_dmd)
+    CheckpointLayout.from_dir(ckpt_dir, lora).require_complete()
     cuda = device.startswith("cuda")
     # On a GPU: the compiled fast path with CUDA graphs, and the encoders off the GPU after use (the bf16
     # transformer and its caches fill an 80 GB card). --offload_model streams the transformer too.
@@ -239,7 +259,7 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
                 log.info("mean per block (ms): %s", {k: round(v, 1) for k, v in item.stage_ms.items()})
                 gpu = f", GPU {item.peak_gpu_memory_gb:.2f} GiB" if item.peak_gpu_memory_gb is not None else ""
                 log.info("peak memory: host %.2f GiB%s", item.peak_host_memory_gb, gpu)
-                print(item.output)
+                _print_path(item.output)
                 return 0
             if bar is None:
                 bar = tqdm(total=item.frames_total, initial=item.frames_done - len(item.block.frames), unit="frame",
@@ -251,9 +271,21 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
                     f.write(f"{item.block.index},{item.elapsed_s:.3f},{torch.cuda.memory_allocated() / 2**30:.3f},"
                             f"{torch.cuda.memory_reserved() / 2**30:.3f}\n")
     finally:
+        if bar is not None:  # closed before an error is printed, which must stay the last line
+            bar.close()
         if args.gpus != 1:
             pipe.close()  # stops the other ranks
     return 1
+
+
+def _print_path(path: Path) -> None:
+    """Prints the path's own bytes: a file name need not be UTF-8, and scripts read this line to find the video."""
+    sys.stdout.flush()
+    if hasattr(sys.stdout, "buffer"):
+        sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+        sys.stdout.buffer.flush()
+    else:  # a text-only stream (a caller's StringIO)
+        print(os.fsdecode(path))
 
 
 def _start_parallel(args, ckpt_dir, lora, device: str, dtype):

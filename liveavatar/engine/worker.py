@@ -3,12 +3,18 @@
 Every request (a file job or a live session) becomes a task in a bounded first-in-first-out queue; the
 engine thread runs them in order with the one pipeline loaded at start, so requests never compete for
 the GPU. A task is cancelled by flag: a queued one never starts, a running one stops at the next block.
+
+A task may own a folder of files in a service's work folder (its uploads and outputs). When the task ends,
+whatever way, everything in it but the job's video (finished or partial) is deleted: inputs, resume states
+(the services never resume) and temporary files; when the worker forgets the task, the folder goes too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
+import shutil
 import threading
 import time
 import uuid
@@ -22,6 +28,7 @@ from liveavatar.engine.job import JobResult, JobSpec, Progress, run_job
 from liveavatar.engine.live import LiveSession
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.errors import JobStopped, LiveAvatarError
+from liveavatar.media.video import PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,11 @@ class Task:
     started: float | None = None
     finished: float | None = None
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    folder: Path | None = None  # the task's own files, cleaned up as the module notes say
+
+    def kept_files(self) -> set[Path]:
+        """The files of `folder` to keep once the task has ended."""
+        return set()
 
     def run(self, pipe: LiveAvatarPipeline) -> bool:
         """Runs the task; False if it stopped early because it was cancelled."""
@@ -54,7 +66,7 @@ class JobTask(Task):
     """A file job (`run_job`); `events()` subscribers get every Progress and the JobResult (or the end)."""
 
     spec: JobSpec | None = None
-    progress: Progress | None = None
+    progress: Progress | None = None  # the latest counts (its block is dropped: a finished task keeps no frames)
     result: JobResult | None = None
     first_block_s: float | None = None  # from start to the first block written
     _subscribers: list[queue.Queue] = field(default_factory=list)
@@ -76,7 +88,7 @@ class JobTask(Task):
             # A cancelled job stops after its current block with a playable partial MP4 (and a resume state).
             for item in run_job(pipe, self.spec, should_stop=self.cancel_requested.is_set):
                 if isinstance(item, Progress):
-                    self.progress = item
+                    self.progress = dataclasses.replace(item, block=None)
                     if self.first_block_s is None:
                         self.first_block_s = time.time() - self.started
                 else:
@@ -85,6 +97,9 @@ class JobTask(Task):
         except JobStopped:
             return False
         return True
+
+    def kept_files(self) -> set[Path]:
+        return {self.spec.output, Path(str(self.spec.output) + PARTIAL_SUFFIX)}
 
 
 @dataclass
@@ -158,9 +173,14 @@ class EngineWorker:
         task.state, task.error, task.finished = state, error, time.time()
         if isinstance(task, JobTask):
             task._send(None)
+            task._subscribers.clear()  # each subscriber holds its own queue; the task need not keep them
+        if task.folder is not None:
+            _remove_all_but(task.folder, task.kept_files())
         self._finished.append(task.id)
         while len(self._finished) > self._keep_finished:
-            self.tasks.pop(self._finished.popleft(), None)
+            forgotten = self.tasks.pop(self._finished.popleft(), None)
+            if forgotten is not None and forgotten.folder is not None:
+                shutil.rmtree(forgotten.folder, ignore_errors=True)
 
     def _loop(self) -> None:
         while True:
@@ -187,6 +207,21 @@ class EngineWorker:
             with self._lock:
                 self.running = None
                 self._finish(task, state, error)
+
+
+def _remove_all_but(folder: Path, keep: set[Path]) -> None:
+    """Deletes everything in `folder` but the files in `keep`, and the folder itself if none of them exists."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def load_pipeline(ckpt_dir: Path | None, lora: str | None, device: str | None, dtype: str | None,

@@ -50,7 +50,7 @@ def _status(progress: Progress) -> str:
             f"{progress.frames_total}, {progress.elapsed_s:.1f} s ({fps:.1f} frames/s)")
 
 
-def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384") -> gr.Blocks:
+def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384", max_audio_s: float = 600) -> gr.Blocks:
     work_dir = Path(work_dir).resolve()
     sizes = list(image_io.SIZE_PRESETS) + ([default_size] if default_size not in image_io.SIZE_PRESETS else [])
 
@@ -71,7 +71,8 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
         shutil.copyfile(audio, audio_path)
         spec = JobSpec(image=image_path, audio=audio_path, prompt=prompt or "A person is talking.", output=folder / "output.mp4",
                        size=size, num_clip=int(num_clip) if num_clip else None, sample_steps=int(sample_steps),
-                       seed=int(seed), trim_silence=trim_silence, normalize_loudness=normalize_loudness)
+                       seed=int(seed), trim_silence=trim_silence, normalize_loudness=normalize_loudness,
+                       max_audio_s=max_audio_s)
         try:
             task = worker.submit(JobTask(kind="job", spec=spec))
         except QueueFull as e:
@@ -157,7 +158,7 @@ def main(args) -> int:
     pipe = load_pipeline(args.ckpt_dir, args.lora_path_dmd, args.device, args.dtype, args.offload_model)
     worker = EngineWorker(pipe, max_queue=args.max_queue)
     try:
-        build_app(worker, work_dir, args.size).queue(max_size=args.max_queue).launch(
+        build_app(worker, work_dir, args.size, args.max_audio_s).queue(max_size=args.max_queue).launch(
             server_name=args.server_name, server_port=args.server_port, allowed_paths=[str(work_dir)], share=False,
             theme=THEME,
         )

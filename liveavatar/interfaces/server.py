@@ -19,7 +19,8 @@ Live sessions (speech pushed while the avatar is generated, see liveavatar.engin
     GET /health, GET /openapi.json, GET /player (the page)
 
 Every request runs on one engine thread with one model (liveavatar.engine.worker); uploads are kept in the
-work folder under generated names and never used by their client-given names.
+work folder under generated names and never used by their client-given names. A job's or session's id (a
+random UUID, never listed) is what reaches it: no request names a file, and ids are only looked up.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket, W
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from liveavatar.engine.job import JobResult, JobSpec
+from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec
 from liveavatar.engine.live import LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
 from liveavatar.engine.worker import FINISHED, JobTask, QueueFull, SessionTask, EngineWorker
 from liveavatar.errors import InputError, LiveAvatarError
@@ -72,7 +73,7 @@ class UploadLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
             response = JSONResponse({"detail": self.message()}, status_code=413)
             return await response(scope, receive, send)
         received = 0
@@ -114,8 +115,10 @@ def _check_size(size: str) -> None:
 
 
 def _job_view(worker: EngineWorker, task: JobTask) -> dict:
+    # Errors name the job's files by their own names, not by the server's folders.
+    error = task.error.replace(f"{task.spec.output.parent}/", "") if task.error else None
     view = {
-        "id": task.id, "state": task.state, "position": worker.position(task), "error": task.error,
+        "id": task.id, "state": task.state, "position": worker.position(task), "error": error,
         "submitted": task.submitted, "started": task.started, "finished": task.finished,
         "links": {"self": f"/jobs/{task.id}", "live": f"/jobs/{task.id}/live", "video": f"/jobs/{task.id}/video"},
     }
@@ -184,8 +187,16 @@ def _block_json(info: LiveBlock) -> str:
     return json.dumps({"type": "block", **info.__dict__})
 
 
-def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, default_size: str = "704*384") -> FastAPI:
+def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, default_size: str = "704*384",
+               max_audio_s: float = 600) -> FastAPI:
     work_dir = Path(work_dir).resolve()
+    for name in ("jobs", "sessions"):
+        folder = work_dir / name
+        folder.mkdir(exist_ok=True)
+        # Uploads go below these folders: a link planted there must not take them (or deletions) elsewhere.
+        if folder.resolve() != folder:
+            raise LiveAvatarError(f"{folder}: leads out of the work folder (to {folder.resolve()}); remove it or "
+                                  f"choose another --work_dir")
     app = FastAPI(
         title="liveavatar",
         description="Talking-avatar video from an image, speech and a prompt: jobs, live output and live sessions.",
@@ -208,7 +219,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         size: str = Form(default_size, description="pixel budget W*H, e.g. 704*384 or 384*256"),
         num_clip: int | None = Form(None, ge=1, description="clips of 48 frames (default: cover the audio)"),
         sample_steps: int = Form(4, ge=1, le=50),
-        seed: int = Form(42),
+        seed: int = Form(42, ge=0, le=MAX_SEED),
         trim_silence: bool = Form(False),
         normalize_loudness: bool = Form(False),
     ) -> dict:
@@ -221,11 +232,11 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
             _save_upload(image, image_path, "image")
             _save_upload(audio, audio_path, "audio")
             _check_upload(image_io.load_image, image_path, image, "image")
-            _check_upload(audio_io.load_audio, audio_path, audio, "audio")
+            _check_upload(lambda path: audio_io.load_audio(path, max_seconds=max_audio_s), audio_path, audio, "audio")
             spec = JobSpec(image=image_path, audio=audio_path, prompt=prompt, output=folder / OUTPUT_NAME, size=size,
                            num_clip=num_clip, sample_steps=sample_steps, seed=seed, trim_silence=trim_silence,
-                           normalize_loudness=normalize_loudness)
-            task = worker.submit(JobTask(kind="job", id=job_id, spec=spec))
+                           normalize_loudness=normalize_loudness, max_audio_s=max_audio_s)
+            task = worker.submit(JobTask(kind="job", id=job_id, spec=spec, folder=folder))
         except QueueFull as e:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPException(429, str(e), headers={"Retry-After": "10"}) from None
@@ -239,10 +250,6 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         if not isinstance(task, JobTask):
             raise HTTPException(404, f"no job {job_id}")
         return task
-
-    @app.get("/jobs")
-    def list_jobs() -> list[dict]:
-        return [_job_view(worker, t) for t in list(worker.tasks.values()) if isinstance(t, JobTask)]
 
     @app.get("/jobs/{job_id}")
     def job_status(job_id: str) -> dict:
@@ -280,7 +287,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         prompt: str = Form("A person is talking."),
         size: str = Form("384*256", description="pixel budget W*H; small sizes keep up with real time"),
         sample_steps: int = Form(4, ge=1, le=50),
-        seed: int = Form(42),
+        seed: int = Form(42, ge=0, le=MAX_SEED),
         rolling_sink: bool = Form(True, description="after the first clip, the first generated frame becomes the reference"),
     ) -> dict:
         _check_size(size)
@@ -292,7 +299,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
             _save_upload(image, image_path, "image")
             _check_upload(image_io.load_image, image_path, image, "image")
             session = LiveSession(SessionOptions(image_path, prompt, size, sample_steps, seed, rolling_sink))
-            task = worker.submit(SessionTask(kind="session", id=session_id, session=session))
+            task = worker.submit(SessionTask(kind="session", id=session_id, session=session, folder=folder))
         except QueueFull as e:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPException(429, str(e), headers={"Retry-After": "10"}) from None
@@ -440,7 +447,7 @@ def main(args) -> int:
     pipe = load_pipeline(args.ckpt_dir, args.lora_path_dmd, args.device, args.dtype, args.offload_model)
     log.info("model ready in %.1f s; work folder %s", time.perf_counter() - t0, work_dir)
     worker = EngineWorker(pipe, max_queue=args.max_queue)
-    app = create_app(worker, work_dir, args.max_upload_mb, args.size)
+    app = create_app(worker, work_dir, args.max_upload_mb, args.size, args.max_audio_s)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     finally:

@@ -165,7 +165,7 @@ def measure(pipe, run: dict, size: str, with_single: bool, args, t_start: float)
     if not with_single or pipe.dit is None or time.perf_counter() - t_start > args.deadline_s:
         return
     # One process on one GPU with the same models and options (the output rank's transformer).
-    single = LiveAvatarPipeline(pipe.dit, pipe.vae, None, None, kv_dtype=pipe.kv_dtype, fast=pipe.fast)
+    single = LiveAvatarPipeline(pipe.dit, pipe.vae, None, None, fast=pipe.fast)
     run_stream(single, cond, 1)  # warm-up of the one-process path
     run["single"], reference, _ = run_stream(single, cond, args.clips)
     diff = (latents.double() - reference.double()).abs().max().item()

@@ -93,9 +93,8 @@ class ParallelPipeline(LiveAvatarPipeline):
                  audio_encoder: AudioEncoder | None, schedule: Schedule, job_group, host_group, processes,
                  offload_encoders: bool = False):
         dit = None if transformer is None else transformer.dit
-        options = transformer.options if transformer is not None else None
         super().__init__(dit, vae, text_encoder, audio_encoder, offload_encoders,
-                         kv_dtype=options and options.kv_dtype, fast=bool(options and options.fast))
+                         fast=transformer is not None and transformer.options.fast)
         self.transformer = transformer
         self.schedule, self.job_group, self.host_group = schedule, job_group, host_group
         self.processes = processes  # the other ranks (multiprocessing.Process), for liveness checks

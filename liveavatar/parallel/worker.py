@@ -14,7 +14,6 @@ Two process groups connect the ranks:
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,8 +27,6 @@ from liveavatar.models.dit import S2VTransformer
 from liveavatar.models.fp8 import quantize_transformer
 from liveavatar.parallel.schedule import Schedule
 
-log = logging.getLogger(__name__)
-
 LATENT_CHANNELS = 16
 _END = -1  # block index of the message that ends a job
 
@@ -40,7 +37,6 @@ class DitOptions:
 
     fp8: bool = False  # FP8 linear layers (liveavatar.models.fp8)
     fast: bool = False  # compiled regions, fastest attention kernel, CUDA-graphed steps (liveavatar.models.fastpath)
-    kv_dtype: torch.dtype | None = None  # storage of the ring caches
 
 
 class RankTransformer:
@@ -61,8 +57,7 @@ class RankTransformer:
         forbids that)."""
         cuda = self.dit.device.type == "cuda"
         part = AvatarStream(self.dit, None, text_context, ref_latent, motion_latents, audio, settings,
-                            kv_dtype=self.options.kv_dtype, cuda_graphs=cuda_graphs and self.options.fast and cuda,
-                            steps=steps)
+                            cuda_graphs=cuda_graphs and self.options.fast and cuda, steps=steps)
         if self.options.fast and cuda:  # as LiveAvatarPipeline.stream: the kernel is timed once per resolution
             shape = (settings.latent_frames_per_block * part.tokens_per_frame,
                      part.rings[steps[0]].capacity + part.sink.keys[0].shape[1])

@@ -63,6 +63,14 @@ class LiveAvatarPipeline:
     def device(self) -> torch.device:
         return self.dit.device
 
+    @property
+    def fixed_sample_steps(self) -> int | None:
+        """The one step count this pipeline runs, if it is laid out for one (the multi-GPU pipeline); None: any."""
+        return None
+
+    def close(self) -> None:
+        """Stops what the pipeline started besides its models: nothing here (the multi-GPU one stops its ranks)."""
+
     @classmethod
     def from_pretrained(
         cls,

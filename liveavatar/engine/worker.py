@@ -222,22 +222,3 @@ def _remove_all_but(folder: Path, keep: set[Path]) -> None:
             entry.unlink(missing_ok=True)
     if not any(folder.iterdir()):
         folder.rmdir()
-
-
-def load_pipeline(ckpt_dir: Path | None, lora: str | None, device: str | None, dtype: str | None,
-                  offload_model: bool) -> LiveAvatarPipeline:
-    """The pipeline for a long-running service: cuda if available, bfloat16 on GPU and float32 on CPU,
-    weights from `ckpt_dir` or the Hugging Face cache."""
-    from liveavatar.weights import hub
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LiveAvatarError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
-    torch_dtype = getattr(torch, dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    lora_file = None
-    if ckpt_dir is None:
-        ckpt_dir, lora_file = hub.cached_checkpoint()
-    if lora:
-        lora_file = hub.resolve_lora(lora)
-    return LiveAvatarPipeline.from_pretrained(ckpt_dir, lora_file=lora_file, device=device, dtype=torch_dtype,
-                                              offload_encoders=offload_model)

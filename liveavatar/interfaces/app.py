@@ -126,7 +126,9 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                     size = gr.Dropdown(sizes, value=default_size, allow_custom_value=True, elem_id="size",
                                        label="Size: pixel budget W*H (the aspect ratio follows the image)")
                     num_clip = gr.Number(0, precision=0, minimum=0, label="Clips of 48 frames (0: as many as the speech covers)")
-                    sample_steps = gr.Slider(1, 8, value=4, step=1, label="Denoising steps (the model is distilled for 4)")
+                    fixed_steps = worker.pipe.fixed_sample_steps  # a multi-GPU pipeline runs one step count
+                    sample_steps = gr.Slider(1, 8, value=fixed_steps or 4, step=1, interactive=fixed_steps is None,
+                                             label="Denoising steps (the model is distilled for 4)")
                     seed = gr.Number(42, precision=0, label="Seed (the same seed gives the same video)")
                     trim_silence = gr.Checkbox(False, label="Trim leading and trailing silence")
                     normalize_loudness = gr.Checkbox(False, label="Normalise loudness (EBU R128, -23 LUFS)")
@@ -147,7 +149,7 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
 
 
 def main(args) -> int:
-    from liveavatar.engine.worker import load_pipeline
+    from liveavatar.interfaces.backend import Backend
 
     # Gradio reads this when it would send usage statistics: none leave the machine (the Blocks' own
     # analytics_enabled=False also skips its version check).
@@ -155,7 +157,7 @@ def main(args) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="liveavatar-app-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.ckpt_dir, args.lora_path_dmd, args.device, args.dtype, args.offload_model)
+    pipe = Backend.from_args(args).open()
     worker = EngineWorker(pipe, max_queue=args.max_queue)
     try:
         build_app(worker, work_dir, args.size, args.max_audio_s).queue(max_size=args.max_queue).launch(
@@ -164,4 +166,5 @@ def main(args) -> int:
         )
     finally:
         worker.shutdown()
+        pipe.close()
     return 0

@@ -83,11 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(m, "lora_path_dmd", help="Live Avatar LoRA: a .safetensors file or a hub repo id (default: <ckpt_dir>/LiveAvatar/liveavatar.safetensors)")
     _add(m, "device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     _add(m, "dtype", default=None, choices=["bfloat16", "float16", "float32"], help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    _add(m, "offload_model", type=_bool, nargs="?", const=True, default=False, help="low-memory mode for 24-48 GB GPUs: the transformer's blocks and its FP8 key/value caches stay in pinned host memory and stream to the GPU layer by layer (True/False); the text and audio encoders leave the GPU after use either way")
-    _add(m, "fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer (GPUs with FP8 tensor cores: Ada, Hopper)")
-    _add(m, "gpus", type=int, default=1, help="GPUs to pipeline the denoising steps over, 1 to sample_steps + 1: "
-         "each runs its share of the steps, the last also decodes (cuda:0..N-1; choose them with CUDA_VISIBLE_DEVICES). "
-         "With --device cpu, that many CPU processes (default: %(default)s)")
+    _add(m, "offload_model", type=_bool, nargs="?", const=True, default=False, help=OFFLOAD_HELP)
+    _add(m, "fp8", action="store_true", help=FP8_HELP)
+    _add(m, "gpus", type=int, default=1, help=GPUS_HELP + " (default: %(default)s)")
     _add(m, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     compat = gen.add_argument_group("accepted for compatibility with the original scripts")
@@ -116,13 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OFFLOAD_HELP = ("low-memory mode for 24-48 GB GPUs: the transformer's blocks and its FP8 key/value caches stay in "
+                "pinned host memory and stream to the GPU layer by layer (True/False); the text and audio encoders "
+                "leave the GPU after use either way")
+FP8_HELP = "FP8 (e4m3) linear layers in the transformer (GPUs with FP8 tensor cores: Ada, Hopper)"
+GPUS_HELP = ("GPUs to pipeline the denoising steps over, 1 to sample_steps + 1: each runs its share of the steps, the "
+             "last also decodes (cuda:0..N-1; choose them with CUDA_VISIBLE_DEVICES). With --device cpu, that many "
+             "CPU processes.")
+
+
 def _add_service_args(parser, size_help: str) -> None:
     """Model and queue options shared by `app` and `serve` (the model is loaded once, at start)."""
     _add(parser, "ckpt_dir", type=Path, help="folder with Wan2.2-S2V-14B/ and LiveAvatar/ (default: the Hugging Face cache)")
     _add(parser, "lora_path_dmd", help="Live Avatar LoRA file or hub repo id (default: <ckpt_dir>/LiveAvatar/liveavatar.safetensors)")
     _add(parser, "device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     _add(parser, "dtype", default=None, choices=["bfloat16", "float16", "float32"], help="(default: bfloat16 on GPU, float32 on CPU)")
-    _add(parser, "offload_model", type=_bool, nargs="?", const=True, default=False, help="keep the text and audio encoders off the GPU except while used")
+    _add(parser, "offload_model", type=_bool, nargs="?", const=True, default=False, help=OFFLOAD_HELP)
+    _add(parser, "fp8", action="store_true", help=FP8_HELP)
+    _add(parser, "gpus", type=int, default=1, help=GPUS_HELP + " Jobs then run 4 denoising steps, the distilled count "
+         "(default: %(default)s)")
     _add(parser, "work_dir", type=Path, help="folder for uploads and outputs (default: a new temporary folder)")
     _add(parser, "max_queue", type=int, default=8, help="requests that may wait; more are refused (default: %(default)s)")
     _add(parser, "max_audio_s", type=float, default=600, help="longest speech a job may have, in seconds (default: %(default)s)")
@@ -167,21 +177,6 @@ def _default_output(args) -> Path:
     return args.save_dir / f"{args.image.stem}_{args.audio.stem}.mp4"
 
 
-def _resolve_device(args):
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LiveAvatarError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
-    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if args.fp8:
-        from liveavatar.models.fp8 import scaled_mm_supported
-
-        if not scaled_mm_supported(torch.device(device)):
-            raise LiveAvatarError(f"--fp8: needs a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper), not {device}; run without --fp8")
-    return device, getattr(torch, dtype_name)
-
-
 class _RunLog(logging.FileHandler):
     """The run log. Names that are not UTF-8 (file names, arguments) are written escaped, and a full disk, which
     the job reports itself, adds no logging traceback to that one-line error."""
@@ -208,14 +203,15 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     from tqdm import tqdm
 
     from liveavatar.engine.job import JobResult, JobSpec, preflight, run_job
-    from liveavatar.engine.pipeline import LiveAvatarPipeline
-    from liveavatar.weights import hub
-    from liveavatar.weights.checkpoint import CheckpointLayout
+    from liveavatar.interfaces.backend import Backend, resolve_device
 
     output = args.save_file or _default_output(args)
     _setup_logging(args.log_level, None)
     notices = _check_compat(args)
-    device, dtype = _resolve_device(args)
+    device, dtype = resolve_device(args.device, args.dtype, args.fp8)
+    if args.gpus != 1 and args.resume:
+        raise LiveAvatarError("--resume: a run on several GPUs keeps its caches in several processes and cannot be "
+                              "resumed; use --gpus 1")
     spec = JobSpec(
         image=args.image, audio=args.audio, prompt=args.prompt, output=output, size=args.size, num_clip=args.num_clip,
         infer_frames=args.infer_frames, sample_steps=args.sample_steps, seed=args.base_seed,
@@ -228,23 +224,7 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     for notice in notices:
         log.info("%s", notice)
     log.info("device %s (%s), torch %s", device, dtype, torch.__version__)
-    if args.ckpt_dir is not None:
-        ckpt_dir, lora = args.ckpt_dir, None
-    else:
-        ckpt_dir, lora = hub.cached_checkpoint()
-    if args.lora_path_dmd:
-        lora = hub.resolve_lora(args.lora_path_dmd)
-    CheckpointLayout.from_dir(ckpt_dir, lora).require_complete()
-    cuda = device.startswith("cuda")
-    # On a GPU: the compiled fast path with CUDA graphs, and the encoders off the GPU after use (the bf16
-    # transformer and its caches fill an 80 GB card). --offload_model streams the transformer too.
-    if args.gpus != 1:
-        pipe = _start_parallel(args, ckpt_dir, lora, device, dtype)
-    else:
-        pipe = LiveAvatarPipeline.from_pretrained(ckpt_dir, lora_file=lora, device=device, dtype=dtype,
-                                                  offload_encoders=args.offload_model or cuda,
-                                                  offload_transformer=args.offload_model, fp8=args.fp8,
-                                                  kv_dtype=torch.float8_e4m3fn if args.offload_model else None, fast=cuda)
+    pipe = Backend.from_args(args).open()
     bar = None
     gpu_csv = output.with_suffix(".gpu_memory.csv") if device.startswith("cuda") else None
     if gpu_csv is not None:
@@ -273,8 +253,7 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     finally:
         if bar is not None:  # closed before an error is printed, which must stay the last line
             bar.close()
-        if args.gpus != 1:
-            pipe.close()  # stops the other ranks
+        pipe.close()  # with --gpus, stops the other ranks
     return 1
 
 
@@ -286,33 +265,6 @@ def _print_path(path: Path) -> None:
         sys.stdout.buffer.flush()
     else:  # a text-only stream (a caller's StringIO)
         print(os.fsdecode(path))
-
-
-def _start_parallel(args, ckpt_dir, lora, device: str, dtype):
-    """The multi-GPU pipeline (liveavatar.parallel): ranks 0..gpus-2 are started here, this process is the last."""
-    import torch
-
-    from liveavatar.parallel.launch import CheckpointModels, start_pipeline
-    from liveavatar.parallel.schedule import Schedule
-    from liveavatar.parallel.worker import DitOptions
-
-    try:
-        Schedule(args.gpus, args.sample_steps)
-    except ValueError as e:
-        raise LiveAvatarError(f"--gpus {args.gpus}: {e}") from None
-    if args.resume:
-        raise LiveAvatarError("--resume: a run on several GPUs keeps its caches in several processes and cannot be "
-                              "resumed; use --gpus 1")
-    if args.offload_model:
-        raise LiveAvatarError("--offload_model: with --gpus each GPU holds the transformer and only its own steps' "
-                              "caches; the low-memory mode streams them on one GPU (use --gpus 1)")
-    if ":" in device:
-        raise LiveAvatarError(f"--device {device} with --gpus {args.gpus}: the ranks use cuda:0..{args.gpus - 1}; "
-                              "choose the GPUs with CUDA_VISIBLE_DEVICES")
-    cuda = device == "cuda"  # as on one GPU: the compiled fast path, the encoders off the GPU after use
-    return start_pipeline(CheckpointModels(ckpt_dir, lora, dtype), args.gpus, sample_steps=args.sample_steps,
-                          device_type=device, offload_encoders=cuda, options=DitOptions(fp8=args.fp8, fast=cuda),
-                          cpu_threads=max(1, torch.get_num_threads() // args.gpus))
 
 
 def cmd_app(args, *_unused) -> int:  # Gradio and uvicorn handle Ctrl-C themselves

@@ -114,6 +114,12 @@ def _check_size(size: str) -> None:
         raise HTTPException(422, f"size: {e}") from None
 
 
+def _check_steps(worker: EngineWorker, sample_steps: int) -> None:
+    fixed = worker.pipe.fixed_sample_steps
+    if fixed is not None and sample_steps != fixed:
+        raise HTTPException(422, f"sample_steps: this server's multi-GPU pipeline runs {fixed} steps, not {sample_steps}")
+
+
 def _job_view(worker: EngineWorker, task: JobTask) -> dict:
     # Errors name the job's files by their own names, not by the server's folders.
     error = task.error.replace(f"{task.spec.output.parent}/", "") if task.error else None
@@ -224,6 +230,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         normalize_loudness: bool = Form(False),
     ) -> dict:
         _check_size(size)
+        _check_steps(worker, sample_steps)
         job_id = uuid.uuid4().hex
         folder = work_dir / "jobs" / job_id
         folder.mkdir(parents=True)
@@ -291,6 +298,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         rolling_sink: bool = Form(True, description="after the first clip, the first generated frame becomes the reference"),
     ) -> dict:
         _check_size(size)
+        _check_steps(worker, sample_steps)
         session_id = uuid.uuid4().hex
         folder = work_dir / "sessions" / session_id
         folder.mkdir(parents=True)
@@ -438,13 +446,13 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
 def main(args) -> int:
     import uvicorn
 
-    from liveavatar.engine.worker import load_pipeline
+    from liveavatar.interfaces.backend import Backend
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.ckpt_dir, args.lora_path_dmd, args.device, args.dtype, args.offload_model)
+    pipe = Backend.from_args(args).open()
     log.info("model ready in %.1f s; work folder %s", time.perf_counter() - t0, work_dir)
     worker = EngineWorker(pipe, max_queue=args.max_queue)
     app = create_app(worker, work_dir, args.max_upload_mb, args.size, args.max_audio_s)
@@ -452,4 +460,5 @@ def main(args) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     finally:
         worker.shutdown()
+        pipe.close()
     return 0

@@ -107,6 +107,10 @@ class ParallelPipeline(LiveAvatarPipeline):
     def device(self) -> torch.device:
         return self.vae.device
 
+    @property
+    def fixed_sample_steps(self) -> int:
+        return self.schedule.steps
+
     def stream(self, cond: Conditioning, settings: StreamSettings = StreamSettings()) -> ParallelStream:
         """Starts a job on all ranks (they set up their caches while the caller goes on). A stream whose
         blocks() never ran is ended first."""

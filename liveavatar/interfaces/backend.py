@@ -1,0 +1,101 @@
+"""The model behind a command: where the weights are, which device, and one process or the multi-GPU
+pipeline. `generate`, `app` and `serve` open their pipeline here, so the same flags mean the same thing in
+all three."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from liveavatar.engine.pipeline import LiveAvatarPipeline
+from liveavatar.errors import LiveAvatarError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the model flags ask for, resolved: the weights' files, the device and dtype, the options."""
+
+    ckpt_dir: Path
+    lora_file: Path | None
+    device: str
+    dtype: torch.dtype
+    fp8: bool = False
+    offload_model: bool = False
+    gpus: int = 1
+    sample_steps: int = 4  # the step count a multi-GPU pipeline is laid out for
+
+    @classmethod
+    def from_args(cls, args) -> "Backend":
+        """Checks the flags (before anything is loaded) and finds the weights (the Hugging Face cache without
+        --ckpt_dir); raises LiveAvatarError with the flag's name."""
+        from liveavatar.weights import hub
+        from liveavatar.weights.checkpoint import CheckpointLayout
+
+        device, dtype = resolve_device(args.device, args.dtype, args.fp8)
+        gpus = args.gpus
+        sample_steps = getattr(args, "sample_steps", 4)
+        if gpus != 1:
+            _check_parallel(gpus, sample_steps, device, args.offload_model)
+        if args.ckpt_dir is not None:
+            ckpt_dir, lora = args.ckpt_dir, None
+        else:
+            ckpt_dir, lora = hub.cached_checkpoint()
+        if args.lora_path_dmd:
+            lora = hub.resolve_lora(args.lora_path_dmd)
+        CheckpointLayout.from_dir(ckpt_dir, lora).require_complete()
+        return cls(Path(ckpt_dir), lora, device, dtype, args.fp8, args.offload_model, gpus, sample_steps)
+
+    def open(self) -> LiveAvatarPipeline:
+        """Loads the models. On a GPU: the compiled fast path with CUDA graphs, and the encoders off the GPU
+        after use (the bf16 transformer and its caches fill an 80 GB card); --offload_model streams the
+        transformer too. With gpus > 1 the other ranks are started; close() the pipeline to stop them."""
+        cuda = self.device.startswith("cuda")
+        if self.gpus != 1:
+            from liveavatar.parallel.launch import CheckpointModels, start_pipeline
+            from liveavatar.parallel.worker import DitOptions
+
+            return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype), self.gpus,
+                                  sample_steps=self.sample_steps, device_type=self.device, offload_encoders=cuda,
+                                  options=DitOptions(fp8=self.fp8, fast=cuda),
+                                  cpu_threads=max(1, torch.get_num_threads() // self.gpus))
+        return LiveAvatarPipeline.from_pretrained(
+            self.ckpt_dir, lora_file=self.lora_file, device=self.device, dtype=self.dtype,
+            offload_encoders=self.offload_model or cuda, offload_transformer=self.offload_model, fp8=self.fp8,
+            kv_dtype=torch.float8_e4m3fn if self.offload_model else None, fast=cuda)
+
+
+def resolve_device(device: str | None, dtype: str | None, fp8: bool) -> tuple[str, torch.dtype]:
+    """(device, dtype): cuda when available, bfloat16 on a GPU and float32 on the CPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LiveAvatarError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
+    dtype_name = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if fp8:
+        from liveavatar.models.fp8 import scaled_mm_supported
+
+        if not scaled_mm_supported(torch.device(device)):
+            raise LiveAvatarError(f"--fp8: needs a GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper), "
+                                  f"not {device}; run without --fp8")
+    return device, getattr(torch, dtype_name)
+
+
+def _check_parallel(gpus: int, sample_steps: int, device: str, offload_model: bool) -> None:
+    from liveavatar.parallel.schedule import Schedule
+
+    try:
+        Schedule(gpus, sample_steps)
+    except ValueError as e:
+        raise LiveAvatarError(f"--gpus {gpus}: {e}") from None
+    if offload_model:
+        raise LiveAvatarError("--offload_model: with --gpus each GPU holds the transformer and only its own steps' "
+                              "caches; the low-memory mode streams them on one GPU (use --gpus 1)")
+    if ":" in device:
+        raise LiveAvatarError(f"--device {device} with --gpus {gpus}: the ranks use cuda:0..{gpus - 1}; "
+                              "choose the GPUs with CUDA_VISIBLE_DEVICES")
+    if device == "cuda" and torch.cuda.device_count() < gpus:
+        raise LiveAvatarError(f"--gpus {gpus}: {torch.cuda.device_count()} GPU(s) visible")

@@ -20,7 +20,8 @@ Reported per run (seconds unless named otherwise):
   block that its GPU waited), setup_ms (sink prefill and caches), sink_refill_ms, peak_memory_gb;
 * single: the one-process stream: fps, steady_fps, ttff_s, and the largest difference of its latents from
   the pipeline's (max |a - b| and that over max |b|).
-Frames stop as uint8 arrays on the host (no MP4 muxing: the GPU machine has no PyAV).
+With --mux the frames go into an MP4 on the output thread, as `run_job` writes them (mux_ms: mean per block);
+without, they stop as uint8 arrays on the host.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ import argparse
 import gc
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 # As benchmarks.run: growable segments keep the allocator from freeing memory (a device-wide sync) mid-stream.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -87,7 +90,14 @@ def conditioning(pipe: LiveAvatarPipeline, size: str, clips: int, scale: str) ->
     return Conditioning(height, width, pixels, ref, motion, text, audio, clips, np.zeros(16000, np.float32))
 
 
-def run_stream(pipe, cond: Conditioning, clips: int) -> tuple[dict, torch.Tensor, list | None]:
+def run_stream(pipe, cond: Conditioning, clips: int, mux: bool = False) -> tuple[dict, torch.Tensor, list | None]:
+    output = None
+    if mux:
+        from liveavatar.engine.job import OutputThread
+        from liveavatar.media.video import FragmentedMP4Writer
+
+        folder = tempfile.TemporaryDirectory()
+        output = OutputThread(FragmentedMP4Writer(Path(folder.name) / "bench.mp4", cond.width, cond.height))
     t0 = time.perf_counter()
     stream = pipe.stream(cond, StreamSettings(seed=SEED))
     t1 = time.perf_counter()
@@ -96,9 +106,19 @@ def run_stream(pipe, cond: Conditioning, clips: int) -> tuple[dict, torch.Tensor
         arrivals.append(time.perf_counter())
         latents.append(block.latents)
         frames += len(block.frames)
+        if output is not None:
+            output.write(block.frames.numpy())
+    if output is not None:
+        output.drain()
+        arrivals[-1] = time.perf_counter()  # the video is complete once the last block is written
+        output.stop()
+        output.writer.close()
+        folder.cleanup()
     per_clip = stream.settings.blocks_per_clip
     result = {"frames": frames, "stream_call_s": t1 - t0, "ttff_s": arrivals[0] - t0, "ttff_blocks_s": arrivals[0] - t1,
               "fps": frames / (arrivals[-1] - t1)}
+    if output is not None:
+        result["mux_ms"] = float(np.mean(output.mux_ms))
     if clips > 1:
         steady = (len(arrivals) - per_clip) * stream.settings.video_frames_per_block
         result["steady_fps"] = steady / (arrivals[-1] - arrivals[per_clip - 1])
@@ -118,6 +138,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--deadline_s", type=float, default=float("inf"),
                         help="start no new run after this many seconds (to end inside a time limit)")
+    parser.add_argument("--mux", action="store_true", help="write each stream's MP4 as run_job does (needs PyAV)")
     parser.add_argument("--out", default="bench_parallel.json")
     args = parser.parse_args(argv)
 
@@ -160,14 +181,14 @@ def main(argv=None) -> None:
 def measure(pipe, run: dict, size: str, with_single: bool, args, t_start: float) -> None:
     """The warm-up and measured streams of one size, and (with_single) the one-process stream beside them."""
     cond = conditioning(pipe, size, args.clips, args.scale)
-    run["warmup"], _, _ = run_stream(pipe, cond, 1)
-    run["pipeline"], latents, run["ranks"] = run_stream(pipe, cond, args.clips)
+    run["warmup"], _, _ = run_stream(pipe, cond, 1, args.mux)
+    run["pipeline"], latents, run["ranks"] = run_stream(pipe, cond, args.clips, args.mux)
     if not with_single or pipe.dit is None or time.perf_counter() - t_start > args.deadline_s:
         return
     # One process on one GPU with the same models and options (the output rank's transformer).
     single = LiveAvatarPipeline(pipe.dit, pipe.vae, None, None, fast=pipe.fast)
-    run_stream(single, cond, 1)  # warm-up of the one-process path
-    run["single"], reference, _ = run_stream(single, cond, args.clips)
+    run_stream(single, cond, 1, args.mux)  # warm-up of the one-process path
+    run["single"], reference, _ = run_stream(single, cond, args.clips, args.mux)
     diff = (latents.double() - reference.double()).abs().max().item()
     run["single"]["latents_max_abs_diff"] = diff
     run["single"]["latents_max_rel_diff"] = diff / reference.double().abs().max().item()

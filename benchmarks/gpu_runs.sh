@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, one runner process per configuration (each builds its own
 # random 16.3 B-parameter model), raw JSON into $OUT (or ./bench_out). Usage: bash benchmarks/gpu_runs.sh NAME...
-# with NAME among: bf16 bf16_compiled fp8_compiled offload24 fp8_48 load
+# with NAME among: stages bf16 bf16_compiled fp8_compiled offload24 offload24_fp8 fp8_48 load
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -23,7 +23,9 @@ for name in "$@"; do
     bf16) bench bf16 150 --blocks 12 --steady_from 6 ;;
     bf16_compiled) bench bf16_compiled 140 --compile --profile --blocks 16 --steady_from 9 ;;
     fp8_compiled) bench fp8_compiled 150 --compile --fp8 --profile --blocks 16 --steady_from 9 ;;
-    offload24) bench offload24 170 --offload --kv_fp8 --memory_gb 24 --blocks 5 --steady_from 3 ;;
+    offload24) bench offload24 400 --offload --kv_fp8 --memory_gb 24 --blocks 4 --steady_from 2 ;;
+    offload24_fp8) bench offload24_fp8 400 --offload --fp8 --kv_fp8 --memory_gb 24 --blocks 4 --steady_from 2 ;;
+    stages) run stages 120 python3 -m benchmarks.bench_stages --json "$OUT/stages.json" ;;
     fp8_48) bench fp8_48 100 --compile --fp8 --kv_fp8 --memory_gb 48 --blocks 10 --steady_from 7 ;;
     load) run load 150 python3 -m benchmarks.load_time --json "$OUT/load.json" ;;
     *) echo "unknown run $name"; exit 2 ;;

@@ -44,6 +44,7 @@ from PIL import Image  # noqa: E402
 from benchmarks.flops import block_decode_flops, block_step_flops  # noqa: E402
 from benchmarks.random_models import SCALES, build_pipeline, num_parameters  # noqa: E402
 from liveavatar.engine.audio_source import audio_source_for  # noqa: E402
+from liveavatar.engine.job import OutputThread  # noqa: E402
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.media import image as image_io  # noqa: E402
 from liveavatar.media.audio import load_audio  # noqa: E402
@@ -103,7 +104,8 @@ def main(argv=None) -> dict:
     result["transformer_parameters"] = num_parameters(pipe.dit)
 
     settings = StreamSettings()
-    num_clips = math.ceil((args.blocks + 2 * args.profile) / settings.blocks_per_clip)
+    # One block more than measured, so that the last measured block, too, has the next block's steps behind it.
+    num_clips = math.ceil((args.blocks + 1 + 2 * args.profile) / settings.blocks_per_clip)
     wave = _speech(num_clips, settings)
     t_prepare = time.perf_counter()
     cond, result["prepare_ms"] = prepare(pipe, wave, args.size)
@@ -258,29 +260,33 @@ def run_stream(pipe, cond, settings: StreamSettings, num_clips: int, args, wave:
     t_call = time.perf_counter()
     stream = pipe.stream(cond, settings, concurrent_decode=args.concurrent_decode)
     setup_s = time.perf_counter() - t_call
-    writer = None
+    output = None
     with tempfile.TemporaryDirectory() as tmp:
-        if not args.no_mux:
+        if not args.no_mux:  # as run_job: encoded on its own thread, overlapping the next blocks
             speech = wave[3 * SAMPLE_RATE // settings.fps :]
-            writer = FragmentedMP4Writer(Path(tmp) / "bench.mp4", cond.width, cond.height, settings.fps, speech, SAMPLE_RATE)
+            output = OutputThread(FragmentedMP4Writer(Path(tmp) / "bench.mp4", cond.width, cond.height, settings.fps,
+                                                      speech, SAMPLE_RATE))
         records, ttff = [], None
         for block in stream.blocks(num_clips):
             t_ready = time.perf_counter()
             ttff = ttff if ttff is not None else t_ready - t_call
-            stages = dict(block.timings_ms)
-            if writer is not None:
-                t0 = time.perf_counter()
-                writer.write(block.frames.numpy())
-                stages["mux"] = (time.perf_counter() - t0) * 1000
-            records.append({"index": block.index, "frames": len(block.frames), "t_s": t_ready - t_call, "stages_ms": stages})
+            if output is not None:
+                output.write(block.frames.numpy())
+            records.append({"index": block.index, "frames": len(block.frames), "t_s": t_ready - t_call,
+                            "stages_ms": dict(block.timings_ms)})
             if len(records) == args.blocks:
                 break
+        if output is not None:
+            output.drain()
+            for record, ms in zip(records, output.mux_ms):
+                record["stages_ms"]["mux"] = ms
         profile = profile_block(stream.blocks(num_clips), pipe.device) if args.profile else None
         graphs = stream._step_graphs
         if graphs is not None:
             profile = {**(profile or {}), "cuda_graphs": len(graphs.graphs), "cuda_graph_error": graphs.error}
-        if writer is not None:
-            writer.close()
+        if output is not None:
+            output.stop()
+            output.writer.close()
     return records, setup_s, ttff, profile
 
 

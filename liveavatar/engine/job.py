@@ -17,9 +17,11 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -231,6 +233,66 @@ class ResumeStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class OutputThread:
+    """Encodes and writes the video (and saves resume states) on a thread of its own, in the order given, so
+    that H.264 encoding overlaps the generation of the next blocks rather than pacing it. A resume state is
+    saved only after the frames before it are in the file, as when written in line. At most `max_waiting`
+    pieces of work wait (a block's frames are a few MB): when encoding is slower than generating, the job
+    waits here. An error on the thread is raised, with its own type, by the job's next call."""
+
+    def __init__(self, writer: FragmentedMP4Writer, max_waiting: int = 2):
+        self.writer = writer
+        self.mux_ms: list[float] = []  # per block written, in order
+        self._waiting: queue.Queue = queue.Queue(max_waiting)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="liveavatar-output", daemon=True)
+        self._thread.start()
+
+    def write(self, frames: np.ndarray) -> None:
+        self._put(lambda: self._write(frames))
+
+    def save_state(self, store: "ResumeStore", state: dict) -> None:
+        self._put(lambda: store.save(state))
+
+    def drain(self) -> None:
+        """Waits until everything given so far is done; raises the thread's error if there was one."""
+        self._waiting.join()
+        self._raise()
+
+    def stop(self) -> None:
+        """Finishes what was given (unless an error stopped the thread) and ends the thread; raises nothing."""
+        if self._thread.is_alive():
+            self._waiting.put(None)
+            self._thread.join()
+
+    def _write(self, frames: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self.writer.write(frames)
+        self.mux_ms.append((time.perf_counter() - t0) * 1000)
+        log.debug("muxed %d frames in %.1f ms", len(frames), self.mux_ms[-1])
+
+    def _put(self, work: Callable[[], None]) -> None:
+        self._raise()
+        self._waiting.put(work)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            work = self._waiting.get()
+            try:
+                if work is None:
+                    return
+                if self._error is None:  # after an error the rest is skipped; the job raises it
+                    work()
+            except BaseException as e:
+                self._error = e
+            finally:
+                self._waiting.task_done()
+
+
 def run_job(
     pipe: LiveAvatarPipeline, spec: JobSpec, should_stop: Callable[[], bool] | None = None
 ) -> Iterator[Progress | JobResult]:
@@ -281,12 +343,11 @@ def run_job(
 
     stage_ms: dict[str, float] = {}
     first_frame_s = None
+    output = OutputThread(writer)
     t_loop = time.perf_counter()
     try:
         for block in stream.blocks(num_clips):
-            t0 = time.perf_counter()
-            writer.write(block.frames.numpy())
-            block.timings_ms["mux"] = (time.perf_counter() - t0) * 1000
+            output.write(block.frames.numpy())
             for k, v in block.timings_ms.items():
                 stage_ms[k] = stage_ms.get(k, 0.0) + v
             if first_frame_s is None:
@@ -296,25 +357,28 @@ def run_job(
             if stream.resumable and (block.index + 1) % settings.blocks_per_clip == 0 and block.index + 1 < blocks_total:
                 kept = torch.cat(latents, dim=1) if latents else None
                 latents = [kept] if kept is not None else []
-                store.save({"stream": stream.state_dict(), "latents": kept})
+                output.save_state(store, {"stream": stream.state_dict(), "latents": kept})
             log.debug("block %d: %s", block.index, {k: round(v, 1) for k, v in block.timings_ms.items()})
             yield Progress(block, block.index + 1, blocks_total, stream.frames_emitted, frames_total,
                            time.perf_counter() - t_start)
             if should_stop is not None and should_stop() and block.index + 1 < blocks_total:
                 if stream.resumable:
                     kept = torch.cat(latents, dim=1) if latents else None
-                    store.save({"stream": stream.state_dict(), "latents": kept})
+                    output.save_state(store, {"stream": stream.state_dict(), "latents": kept})
+                output.drain()
                 writer.abort()  # closes the container: the last block's fragment reaches the disk
                 raise JobStopped(
                     f"stopped after {stream.frames_emitted} of {frames_total} frames: {partial} plays what was "
                     f"generated" + ("; rerun the same command with --resume to continue" if stream.resumable else "")
                 )
+        output.drain()
         if spec.save_latents is not None:
             _save_latents(spec.save_latents, torch.cat(latents, dim=1))
-        output = writer.close()
+        result_path = writer.close()
     except JobStopped:
         raise
     except BaseException as e:
+        output.stop()  # the blocks made before the error still reach the file
         try:
             writer.abort()
         except OSError:  # e.g. the disk is full: the file stays valid up to its last complete block
@@ -331,13 +395,17 @@ def run_job(
                 f"far are kept (playable in {partial.name}); free space and rerun with --resume to continue"
             ) from None
         raise
+    finally:
+        output.stop()
+    if output.mux_ms:
+        stage_ms["mux"] = sum(output.mux_ms)
     store.clear()
     seconds = time.perf_counter() - t_start
     generated = stream.frames_emitted
     loop_s = time.perf_counter() - t_loop
     blocks_run = blocks_total - resumed_from
     result = JobResult(
-        output=output, frames=generated, clips=num_clips, height=cond.height, width=cond.width, seconds=seconds,
+        output=result_path, frames=generated, clips=num_clips, height=cond.height, width=cond.width, seconds=seconds,
         first_frame_s=first_frame_s or 0.0, fps=(generated if not resumed_from else blocks_run * settings.video_frames_per_block) / loop_s,
         resumed_from_block=resumed_from, stage_ms={k: v / max(1, blocks_run) for k, v in stage_ms.items()},
         peak_gpu_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if pipe.device.type == "cuda" else None,

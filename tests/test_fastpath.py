@@ -131,3 +131,25 @@ def test_pipelined_stream_resumes_from_any_block(pipe):
     assert [b.index for b in again] == [b.index for b in rest] == [5, 6, 7]
     for a, b in zip(rest, again):
         assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)
+
+
+def test_attention_by_parts_merges_to_the_concatenated_attention():
+    """The fast path may attend to the ring and the sink separately (kernels that return the log-sum-exp of
+    the scores) and merge: the same numbers as one attention over both, without concatenating 313 MB of keys
+    and values per layer at 704x384."""
+    from liveavatar.models.layers import attention, merge_attention_parts, two_part_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k1, v1, k2, v2 = (torch.randn(2, n, 3, 8, generator=gen, dtype=torch.float64) for n in (5, 11, 11, 4, 4))
+    whole = attention(q, torch.cat([k1, k2], 1), torch.cat([v1, v2], 1))
+    assert torch.equal(two_part_attention(q, k1, v1, k2, v2), whole)
+
+    def part(k, v):  # what the CUDA kernels return: output [B, heads, L, d] and log-sum-exp [B, heads, L]
+        scores = torch.einsum("blhd,bmhd->bhlm", q, k) / 8**0.5
+        return torch.einsum("bhlm,bmhd->bhld", scores.softmax(-1), v), scores.logsumexp(-1)
+
+    merged = merge_attention_parts(*part(k1, v1), *part(k2, v2)).transpose(1, 2)
+    assert torch.allclose(merged, whole, rtol=0, atol=1e-12)
+    names = set(fastpath.attention_candidates())
+    assert {"CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION by parts",
+            "FLASH_ATTENTION by parts"} == names

@@ -25,7 +25,7 @@ from liveavatar.errors import CheckpointError
 from liveavatar.models import rope
 from liveavatar.models.audio_modules import AudioInjector, CausalAudioEncoder
 from liveavatar.models.kv_cache import RingCache, SinkCache
-from liveavatar.models.layers import Head, TransformerBlock, attention, linear_fp32
+from liveavatar.models.layers import Head, TransformerBlock, attention, linear_fp32, two_part_attention
 
 # Video frames of motion context the audio encoder is primed with, and the latent frames they make
 # (1 + 72/4); the audio window of each block is left-padded with this many copies of its first frame.
@@ -161,10 +161,10 @@ class S2VTransformer(nn.Module):
         self.audio_injector = AudioInjector(c.dim, c.num_heads, list(c.audio_inject_layers), c.eps)
         self.trainable_cond_mask = nn.Embedding(3, c.dim)  # 0 noisy, 1 reference, 2 motion
         self.frame_packer = FramePacker(c.dim, c.framepack_buckets)
-        # RoPE rotation of [B, L, heads, d] tensors and the streaming step's self-attention kernel;
-        # liveavatar.models.fastpath swaps in a compiled rotation and the fastest attention backend.
+        # RoPE rotation of [B, L, heads, d] tensors and the streaming step's self-attention over its history
+        # and its sink; liveavatar.models.fastpath swaps in a compiled rotation and the fastest attention.
         self.rotate = rope.apply_rope
-        self.self_attention = attention
+        self.self_attention = two_part_attention
         # Set by liveavatar.models.offload when the blocks live in host memory: called before block i runs.
         self.block_streamer = None
 
@@ -360,9 +360,7 @@ class S2VTransformer(nn.Module):
             ring.write(layer, start, k, v)
             hist_k, hist_v = ring.valid(layer, end)
             sink_k = self.rotate(sink.keys[layer], sink_rope)
-            keys = torch.cat([hist_k, sink_k], dim=1)
-            values = torch.cat([hist_v, sink.values[layer]], dim=1)
-            return self.self_attention(self.rotate(q, noisy_rope), keys, values)
+            return self.self_attention(self.rotate(q, noisy_rope), hist_k, hist_v, sink_k, sink.values[layer])
 
         for layer, block in self.layers():
             tokens = block(tokens, time_mod, attend, text_kv[layer])

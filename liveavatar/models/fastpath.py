@@ -4,8 +4,10 @@
   output projection, gated residuals, text cross-attention, FFN; the audio injection; RoPE) is compiled once
   and shared by all 40 layers, so its float32 elementwise work is fused into few kernels. The attention over
   the ring cache stays outside: its key length changes during the first clip, and it is one kernel anyway.
-* Self-attention backend: every scaled_dot_product_attention backend that the installed torch offers for the
-  stream's real shapes is timed once, and the fastest serves the self-attention of every step.
+* Self-attention: the step attends to its history (the ring) and the sink. Every scaled_dot_product_attention
+  backend on the two concatenated, and the kernels that return the log-sum-exp on each part separately,
+  merged (no copy of the 313 MB of keys and values per layer), are timed once at the stream's real shapes;
+  the fastest serves every step.
 
 Both keep the numbers of the eager model up to floating-point reassociation (the compiled kernels sum in a
 different order), which tests/test_fastpath.py checks on the CPU.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -22,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from liveavatar.models import rope
 from liveavatar.models.audio_modules import AudioInjector
 from liveavatar.models.dit import S2VTransformer
-from liveavatar.models.layers import TransformerBlock, attention
+from liveavatar.models.layers import TransformerBlock, merge_attention_parts, two_part_attention
 
 log = logging.getLogger(__name__)
 
@@ -45,45 +48,81 @@ def compile_transformer(dit: S2VTransformer) -> None:
 SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
-def time_attention_backends(q_len: int, kv_len: int, heads: int, head_dim: int, dtype: torch.dtype,
-                            device: torch.device, repeats: int = 5) -> dict[str, float]:
-    """Milliseconds per call of each SDPA backend that runs these shapes (backends that refuse are left out)."""
-    gen = torch.Generator(device).manual_seed(0)
-    q = torch.randn(1, q_len, heads, head_dim, device=device, dtype=dtype, generator=gen)
-    k = torch.randn(1, kv_len, heads, head_dim, device=device, dtype=dtype, generator=gen)
-    v = torch.randn(1, kv_len, heads, head_dim, device=device, dtype=dtype, generator=gen)
-    times = {}
-    for backend in SDPA_BACKENDS:
-        try:
-            with sdpa_kernel(backend):
-                attention(q, k, v)  # warm-up (and the refusal, if any)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(repeats):
-                    attention(q, k, v)
-                end.record()
-                end.synchronize()
-            times[backend.name] = start.elapsed_time(end) / repeats
-        except RuntimeError as e:  # "No available kernel" for shapes or dtypes the backend does not take
-            log.info("attention backend %s unavailable: %s", backend.name, str(e).splitlines()[0])
-    return times
+def _with_lse(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, heads, L, d], log-sum-exp of the scores [B, heads, L]) from the kernels that give both."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kernel == "CUDNN_ATTENTION":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    return out, lse.reshape(out.shape[:3])
 
 
-def use_fastest_attention(dit: S2VTransformer, q_len: int, kv_len: int) -> dict[str, float]:
-    """Times the backends at the stream's self-attention shape and makes the transformer use the fastest.
-    Returns the timings (ms per call)."""
-    c = dit.config
-    times = time_attention_backends(q_len, kv_len, c.num_heads, c.head_dim, dit.dtype, dit.device)
-    if times:
-        best = getattr(SDPBackend, min(times, key=times.get))
-        dit.self_attention = functools.partial(_attention_with, best)
-        log.info("self-attention backend %s (%s)", best.name, {k: round(v, 2) for k, v in times.items()})
-    return times
+_merge = _compile(merge_attention_parts)
 
 
-def _attention_with(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _attention_by_parts(kernel: str, q, k1, v1, k2, v2) -> torch.Tensor:
+    """The attention over both parts without copying them into one tensor: each part separately, then merged."""
+    out1, lse1 = _with_lse(kernel, q, k1, v1)
+    out2, lse2 = _with_lse(kernel, q, k2, v2)
+    return _merge(out1, lse1, out2, lse2).transpose(1, 2)
+
+
+def _concatenated_with(backend: SDPBackend, q, k1, v1, k2, v2) -> torch.Tensor:
     with sdpa_kernel(backend):
-        return attention(q, k, v)
+        return two_part_attention(q, k1, v1, k2, v2)
+
+
+def attention_candidates() -> dict[str, Callable]:
+    """The ways to run the step's self-attention over history + sink: every SDPA backend on the two parts
+    concatenated, and the kernels that return the log-sum-exp on each part, merged."""
+    candidates: dict[str, Callable] = {b.name: functools.partial(_concatenated_with, b) for b in SDPA_BACKENDS}
+    for kernel in ("CUDNN_ATTENTION", "FLASH_ATTENTION"):
+        candidates[f"{kernel} by parts"] = functools.partial(_attention_by_parts, kernel)
+    return candidates
+
+
+def time_attention(q_len: int, history_len: int, sink_len: int, heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds per call of each candidate that runs these shapes and agrees with the plain concatenated
+    attention (the others are left out, with the reason logged)."""
+    gen = torch.Generator(device).manual_seed(0)
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.randn(1, n, heads, head_dim, device=device, dtype=dtype, generator=gen)
+
+    args = (rand(q_len), rand(history_len), rand(history_len), rand(sink_len), rand(sink_len))
+    reference = two_part_attention(*(a.float() for a in args))
+    times = {}
+    for name, candidate in attention_candidates().items():
+        try:
+            out = candidate(*args)  # warm-up (and the refusal, if any)
+            error = ((out.float() - reference).norm() / reference.norm()).item()
+            if not error < 0.01:  # bf16 rounding gives ~0.3 %
+                log.info("attention %s left out: %.2g from the float32 attention (rms)", name, error)
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                candidate(*args)
+            end.record()
+            end.synchronize()
+            times[name] = start.elapsed_time(end) / repeats
+        except (RuntimeError, NotImplementedError) as e:  # kernels that refuse these shapes or dtypes
+            log.info("attention %s unavailable: %s", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return times
+
+
+def use_fastest_attention(dit: S2VTransformer, q_len: int, history_len: int, sink_len: int) -> dict[str, float]:
+    """Times the candidates at the stream's self-attention shape (its full ring) and makes the transformer
+    use the fastest. Returns the timings (ms per call)."""
+    c = dit.config
+    times = time_attention(q_len, history_len, sink_len, c.num_heads, c.head_dim, dit.dtype, dit.device)
+    if times:
+        best = min(times, key=times.get)
+        dit.self_attention = attention_candidates()[best]
+        log.info("self-attention: %s (%s)", best, {k: round(v, 2) for k, v in times.items()})
+    return times
 
 
 class StepGraphs:

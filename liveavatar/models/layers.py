@@ -27,6 +27,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2)
 
 
+def two_part_attention(q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+    """`attention` over the keys/values of two parts (the streaming step's history and sink), as one."""
+    return attention(q, torch.cat([k1, k2], dim=1), torch.cat([v1, v2], dim=1))
+
+
+def merge_attention_parts(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """The attention over two sets of keys from the attention over each ([B, heads, L, d]) and its log-sum-exp
+    of the scores ([B, heads, L]): each part's output weighs with its share of the softmax mass."""
+    dtype = torch.promote_types(out1.dtype, torch.float32)
+    share1 = torch.sigmoid(lse1.to(dtype) - lse2.to(dtype)).unsqueeze(-1)  # e^lse1 / (e^lse1 + e^lse2)
+    return torch.lerp(out2.to(dtype), out1.to(dtype), share1).to(out1.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -8,7 +8,7 @@ import huggingface_hub
 import pytest
 import torch
 
-from conftest import CKPT, LORA_FILE, WAN_DIR, requires_golden
+from conftest import LORA_FILE, WAN_DIR, requires_golden
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.errors import CheckpointError
 from liveavatar.weights import hub

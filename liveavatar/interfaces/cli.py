@@ -78,15 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
               "reference after clip 0; 'reference' keeps the input image for the whole video")
     _add(s, "base_seed", type=int, default=42, help="seed: the same seed gives the same video on any device (default: %(default)s)")
 
-    m = gen.add_argument_group("model and device")
-    _add(m, "ckpt_dir", type=Path, help="folder with Wan2.2-S2V-14B/ and LiveAvatar/ (default: the Hugging Face cache, downloaded on first use)")
-    _add(m, "lora_path_dmd", help="Live Avatar LoRA: a .safetensors file or a hub repo id (default: <ckpt_dir>/LiveAvatar/liveavatar.safetensors)")
-    _add(m, "device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    _add(m, "dtype", default=None, choices=["bfloat16", "float16", "float32"], help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    _add(m, "offload_model", type=_bool, nargs="?", const=True, default=False, help=OFFLOAD_HELP)
-    _add(m, "fp8", action="store_true", help=FP8_HELP)
-    _add(m, "gpus", type=int, default=1, help=GPUS_HELP + " (default: %(default)s)")
-    _add(m, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_model_args(gen.add_argument_group("model and device"))
 
     compat = gen.add_argument_group("accepted for compatibility with the original scripts")
     for flag, kwargs in COMPAT_NOTICE.items():
@@ -114,30 +106,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OFFLOAD_HELP = ("low-memory mode for 24-48 GB GPUs: the transformer's blocks and its FP8 key/value caches stay in "
-                "pinned host memory and stream to the GPU layer by layer (True/False); the text and audio encoders "
-                "leave the GPU after use either way")
-FP8_HELP = "FP8 (e4m3) linear layers in the transformer (GPUs with FP8 tensor cores: Ada, Hopper)"
-GPUS_HELP = ("GPUs to pipeline the denoising steps over, 1 to sample_steps + 1: each runs its share of the steps, the "
-             "last also decodes (cuda:0..N-1; choose them with CUDA_VISIBLE_DEVICES). With --device cpu, that many "
-             "CPU processes.")
+def _add_model_args(parser, gpus_note: str = "") -> None:
+    """The flags that choose the weights, the device and the speed/memory modes (generate, app, serve)."""
+    _add(parser, "ckpt_dir", type=Path, help="folder with Wan2.2-S2V-14B/ and LiveAvatar/ (default: the Hugging Face "
+         "cache, downloaded on first use)")
+    _add(parser, "lora_path_dmd", help="Live Avatar LoRA: a .safetensors file or a hub repo id (default: "
+         "<ckpt_dir>/LiveAvatar/liveavatar.safetensors)")
+    _add(parser, "device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    _add(parser, "dtype", default=None, choices=["bfloat16", "float16", "float32"],
+         help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    _add(parser, "offload_model", type=_bool, nargs="?", const=True, default=False,
+         help="low-memory mode for 24-48 GB GPUs (about 12 GiB used at 704*384): the transformer's blocks and its FP8 key/value caches stay in "
+              "pinned host memory and stream to the GPU layer by layer (True/False); the text and audio encoders "
+              "leave the GPU after use either way")
+    _add(parser, "fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer (GPUs with FP8 "
+         "tensor cores: Ada, Hopper)")
+    _add(parser, "gpus", type=int, default=1, help="GPUs to pipeline the denoising steps over, 1 to sample_steps + 1: "
+         "each runs its share of the steps, the last also decodes (cuda:0..N-1; choose them with "
+         f"CUDA_VISIBLE_DEVICES). With --device cpu, that many CPU processes.{gpus_note} (default: %(default)s)")
+    _add(parser, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def _add_service_args(parser, size_help: str) -> None:
     """Model and queue options shared by `app` and `serve` (the model is loaded once, at start)."""
-    _add(parser, "ckpt_dir", type=Path, help="folder with Wan2.2-S2V-14B/ and LiveAvatar/ (default: the Hugging Face cache)")
-    _add(parser, "lora_path_dmd", help="Live Avatar LoRA file or hub repo id (default: <ckpt_dir>/LiveAvatar/liveavatar.safetensors)")
-    _add(parser, "device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    _add(parser, "dtype", default=None, choices=["bfloat16", "float16", "float32"], help="(default: bfloat16 on GPU, float32 on CPU)")
-    _add(parser, "offload_model", type=_bool, nargs="?", const=True, default=False, help=OFFLOAD_HELP)
-    _add(parser, "fp8", action="store_true", help=FP8_HELP)
-    _add(parser, "gpus", type=int, default=1, help=GPUS_HELP + " Jobs then run 4 denoising steps, the distilled count "
-         "(default: %(default)s)")
+    _add_model_args(parser, " Requests then run 4 denoising steps, the distilled count.")
     _add(parser, "work_dir", type=Path, help="folder for uploads and outputs (default: a new temporary folder)")
     _add(parser, "max_queue", type=int, default=8, help="requests that may wait; more are refused (default: %(default)s)")
     _add(parser, "max_audio_s", type=float, default=600, help="longest speech a job may have, in seconds (default: %(default)s)")
     _add(parser, "size", default="704*384", help=f"{size_help} (default: %(default)s)")
-    _add(parser, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 # Flags whose effect is always on (or that only select what is already the one behaviour).

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,19 @@ def _check_size(size: str) -> None:
         image_io.parse_size(size)
     except InputError as e:
         raise HTTPException(422, f"size: {e}") from None
+
+
+@contextmanager
+def _removed_on_failure(folder: Path):
+    """A request's folder goes if the request is not taken; a full queue answers 429."""
+    try:
+        yield
+    except QueueFull as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise HTTPException(429, str(e), headers={"Retry-After": "10"}) from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _check_steps(worker: EngineWorker, sample_steps: int) -> None:
@@ -234,7 +248,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         job_id = uuid.uuid4().hex
         folder = work_dir / "jobs" / job_id
         folder.mkdir(parents=True)
-        try:
+        with _removed_on_failure(folder):
             image_path, audio_path = folder / "image", folder / "audio"
             _save_upload(image, image_path, "image")
             _save_upload(audio, audio_path, "audio")
@@ -244,12 +258,6 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
                            num_clip=num_clip, sample_steps=sample_steps, seed=seed, trim_silence=trim_silence,
                            normalize_loudness=normalize_loudness, max_audio_s=max_audio_s)
             task = worker.submit(JobTask(kind="job", id=job_id, spec=spec, folder=folder))
-        except QueueFull as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise HTTPException(429, str(e), headers={"Retry-After": "10"}) from None
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
         return _job_view(worker, task)
 
     def job(job_id: str) -> JobTask:
@@ -303,17 +311,11 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         folder = work_dir / "sessions" / session_id
         folder.mkdir(parents=True)
         image_path = folder / "image"
-        try:
+        with _removed_on_failure(folder):
             _save_upload(image, image_path, "image")
             _check_upload(image_io.load_image, image_path, image, "image")
             session = LiveSession(SessionOptions(image_path, prompt, size, sample_steps, seed, rolling_sink))
             task = worker.submit(SessionTask(kind="session", id=session_id, session=session, folder=folder))
-        except QueueFull as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise HTTPException(429, str(e), headers={"Retry-After": "10"}) from None
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
         async def close_unclaimed():
             await asyncio.sleep(SESSION_CONNECT_S)
             if not task.connected:

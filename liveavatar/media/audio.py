@@ -15,22 +15,12 @@ import av.filter
 import numpy as np
 
 from liveavatar.errors import InputError
+from liveavatar.media.files import require_readable_file
 
 SAMPLE_RATE = 16000
 
 # Below this integrated loudness (the R128 absolute gate) the audio is treated as silence.
 _SILENCE_LUFS = -70.0
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(f"audio file not found: {path}")
-    if path.is_dir():
-        raise InputError(f"audio path is a directory, expected a file: {path}")
-    if path.stat().st_size == 0:
-        raise InputError(f"audio file is empty (0 bytes): {path}")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"audio file is not readable (permission denied): {path}")
 
 
 def _mono(planes: np.ndarray) -> np.ndarray:
@@ -50,7 +40,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
     decode to hours).
     """
     path = Path(path)
-    _check_file(path)
+    require_readable_file(path, "audio")
     try:
         container = av.open(str(path), mode="r")
     except av.FFmpegError as exc:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from liveavatar.errors import InputError
+from liveavatar.media.files import require_readable_file
 
 # The sizes Live Avatar was trained and benchmarked at, written "W*H" like the reference CLI.
 SIZE_PRESETS = ("720*400", "704*384", "688*368", "384*256")
@@ -106,18 +107,6 @@ def output_size(image_h: int, image_w: int, area: int) -> tuple[int, int]:
     return height, width
 
 
-def _check_file(path: Path, kind: str) -> None:
-    """Raises InputError unless ``path`` is a non-empty regular file."""
-    if not path.exists():
-        raise InputError(f"{kind} file not found: {path}")
-    if path.is_dir():
-        raise InputError(f"{kind} path is a directory, expected a file: {path}")
-    if path.stat().st_size == 0:
-        raise InputError(f"{kind} file is empty (0 bytes): {path}")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{kind} file is not readable (permission denied): {path}")
-
-
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Converts any Pillow mode to 8-bit RGB.
 
@@ -142,7 +131,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     message for a missing, empty, unreadable, corrupt, truncated or oversized file.
     """
     path = Path(path)
-    _check_file(path, "image")
+    require_readable_file(path, "image")
     try:
         with warnings.catch_warnings():
             # Pillow warns (and above twice its own limit refuses) while opening; ours is lower and checked below.

@@ -51,9 +51,8 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-class SelfAttention(nn.Module):
-    """q/k/v/o projections with RMSNorm on q and k over the full width; the attention itself is supplied
-    by the caller, because it differs between the sink prefill, the streaming step and the plain forward."""
+class AttentionProjections(nn.Module):
+    """q/k/v/o projections with RMSNorm on q and k over the full width (the checkpoint's names)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
         super().__init__()
@@ -64,6 +63,11 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+
+
+class SelfAttention(AttentionProjections):
+    """Self-attention whose attention itself is supplied by the caller, because it differs between the sink
+    prefill, the streaming step and the plain forward."""
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, L, D] -> q, k, v [B, L, heads, d] (no RoPE: that depends on the caller's positions)."""
@@ -77,18 +81,8 @@ class SelfAttention(nn.Module):
         return self.o(attend(*self.qkv(x)).flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionProjections):
     """Attention from x to a context (text or audio tokens), q/k RMSNorm, no position embedding, no mask."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -12,7 +12,8 @@ options, for the latent check and the one-GPU speed beside it.
 
 Reported per run (seconds unless named otherwise):
 * fps: video frames over the time from blocks() to the last block's frames on the host; steady_fps: over
-  the clips after the first (the pipeline is full and the sink has been replaced);
+  the clips after the first (the pipeline is full and the sink has been replaced); after_refill_fps: from
+  the block after the one-time sink refill on; block_arrivals_s: each block's frames, from blocks();
 * ttff_s: from pipe.stream() (conditioning ready, models loaded and warm) to the first block's frames on
   the host; ttff_blocks_s: from blocks();
 * ranks: what every rank reports: role, stage_ms (its busy GPU time per block: its denoising steps; on the
@@ -122,6 +123,10 @@ def run_stream(pipe, cond: Conditioning, clips: int, mux: bool = False) -> tuple
     if clips > 1:
         steady = (len(arrivals) - per_clip) * stream.settings.video_frames_per_block
         result["steady_fps"] = steady / (arrivals[-1] - arrivals[per_clip - 1])
+        # From the block after the one-time sink refill (it comes with clip 1's first block) to the end.
+        after_refill = (len(arrivals) - per_clip - 1) * stream.settings.video_frames_per_block
+        result["after_refill_fps"] = after_refill / (arrivals[-1] - arrivals[per_clip])
+    result["block_arrivals_s"] = [t - t1 for t in arrivals]
     ranks = getattr(stream, "rank_stats", None)
     del stream
     gc.collect()  # the caches of this stream go before the next one is made
@@ -203,7 +208,7 @@ def _write(path: str, report: dict) -> None:
 
 def _print_table(report: dict) -> None:
     print(f"\n{report.get('device')}, {report['gpus']} ranks, {report['clips']} clips, torch {report['torch']}")
-    print(f"{'run':<20}{'fps':>6}{'steady':>7}{'ttff':>6}{'1-GPU steady':>13}{'1-GPU ttff':>11}{'max rel Δ':>10}"
+    print(f"{'run':<20}{'fps':>6}{'steady':>7}{'after refill':>13}{'ttff':>6}{'1-GPU steady':>13}{'1-GPU ttff':>11}{'max rel Δ':>10}"
           f"  ranks: stage ms / idle % / peak GiB")
     for run in report["runs"]:
         name = f"{run['config']} {run.get('size', '')}"
@@ -213,7 +218,7 @@ def _print_table(report: dict) -> None:
         p, s = run["pipeline"], run.get("single", {})
         ranks = "  ".join(f"r{r['rank']} {r['stage_ms']:.0f}/{100 * r['idle_fraction']:.0f}/{r['peak_memory_gb']:.0f}"
                           for r in run["ranks"])
-        print(f"{name:<20}{p['fps']:>6.1f}{p.get('steady_fps', 0):>7.1f}{p['ttff_s']:>6.2f}"
+        print(f"{name:<20}{p['fps']:>6.1f}{p.get('steady_fps', 0):>7.1f}{p.get('after_refill_fps', 0):>13.1f}{p['ttff_s']:>6.2f}"
               f"{s.get('steady_fps', float('nan')):>13.1f}{s.get('ttff_s', float('nan')):>11.2f}"
               f"{s.get('latents_max_rel_diff', float('nan')):>10.1e}  {ranks}")
 

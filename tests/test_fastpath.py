@@ -153,3 +153,29 @@ def test_attention_by_parts_merges_to_the_concatenated_attention():
     names = set(fastpath.attention_candidates())
     assert {"CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION by parts",
             "FLASH_ATTENTION by parts"} == names
+
+
+def test_attention_is_timed_once_per_shape_and_the_fastest_is_used(pipe, monkeypatch):
+    """What use_fastest_attention decides, with the GPU timing replaced: each stream shape (query, ring, sink
+    tokens) is timed once per transformer, and the fastest candidate becomes the step's self-attention."""
+    dit = copy.deepcopy(pipe.dit)
+    dit.attention_timings = {}  # as compile_transformer leaves it
+    timed = []
+
+    def fake_timing(q_len, history_len, sink_len, *_):
+        timed.append((q_len, history_len, sink_len))
+        return {"CUDNN_ATTENTION": 2.0, "FLASH_ATTENTION by parts": 1.0} if q_len == 48 else {"FLASH_ATTENTION": 3.0}
+
+    monkeypatch.setattr(fastpath, "time_attention", fake_timing)
+    wave = torch.zeros(16000 * 2).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "ref.png"
+        Image.new("RGB", (128, 128), (120, 80, 200)).save(image)
+        small = pipe.prepare(image, wave, "talking", size="64*64")
+        large = pipe.prepare(image, wave, "talking", size="128*128")
+    for cond in (small, large, small):
+        stream = pipe.stream(cond, StreamSettings(seed=3))
+        times = fastpath.use_fastest_attention(dit, stream)
+    assert timed == [(48, 192, 40), (192, 768, 160)], "each shape timed once"
+    assert times == {"CUDNN_ATTENTION": 2.0, "FLASH_ATTENTION by parts": 1.0}
+    assert dit.self_attention.func is fastpath._attention_by_parts and dit.self_attention.args == ("FLASH_ATTENTION",)

@@ -57,7 +57,6 @@ class LiveAvatarPipeline:
         self.offload_encoders = offload_encoders
         self.kv_dtype, self.offload_kv, self.fast = kv_dtype, offload_kv, fast
         self.attention_backend_ms: dict[str, float] = {}  # the fast path's timings of the attention kernels
-        self._attention_shape: tuple[int, int, int] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -177,9 +176,5 @@ class LiveAvatarPipeline:
                               cuda_graphs=self.fast and self.device.type == "cuda" and not self.offload_kv,
                               concurrent_decode=concurrent_decode)
         if self.fast and self.device.type == "cuda":
-            shape = (settings.latent_frames_per_block * stream.tokens_per_frame, stream.rings[0].capacity,
-                     stream.sink.keys[0].shape[1])
-            if shape != self._attention_shape:  # timed once per resolution
-                self.attention_backend_ms = fastpath.use_fastest_attention(self.dit, *shape)
-                self._attention_shape = shape
+            self.attention_backend_ms = fastpath.use_fastest_attention(self.dit, stream)
         return stream

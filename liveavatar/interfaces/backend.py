@@ -4,7 +4,6 @@ all three."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +11,6 @@ import torch
 
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.errors import LiveAvatarError
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Backend:

@@ -134,6 +134,14 @@ def _check_steps(worker: EngineWorker, sample_steps: int) -> None:
         raise HTTPException(422, f"sample_steps: this server's multi-GPU pipeline runs {fixed} steps, not {sample_steps}")
 
 
+def _task(worker: EngineWorker, task_id: str, kind: type, noun: str):
+    """The worker's task of that id and kind, or 404."""
+    task = worker.tasks.get(task_id)
+    if not isinstance(task, kind):
+        raise HTTPException(404, f"no {noun} {task_id}")
+    return task
+
+
 def _job_view(worker: EngineWorker, task: JobTask) -> dict:
     # Errors name the job's files by their own names, not by the server's folders.
     error = task.error.replace(f"{task.spec.output.parent}/", "") if task.error else None
@@ -261,10 +269,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         return _job_view(worker, task)
 
     def job(job_id: str) -> JobTask:
-        task = worker.tasks.get(job_id)
-        if not isinstance(task, JobTask):
-            raise HTTPException(404, f"no job {job_id}")
-        return task
+        return _task(worker, job_id, JobTask, "job")
 
     @app.get("/jobs/{job_id}")
     def job_status(job_id: str) -> dict:
@@ -328,10 +333,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         return _session_view(worker, task)
 
     def session_task(session_id: str) -> SessionTask:
-        task = worker.tasks.get(session_id)
-        if not isinstance(task, SessionTask):
-            raise HTTPException(404, f"no session {session_id}")
-        return task
+        return _task(worker, session_id, SessionTask, "session")
 
     @app.get("/sessions/{session_id}")
     def session_status(session_id: str) -> dict:

@@ -43,6 +43,7 @@ def compile_transformer(dit: S2VTransformer) -> None:
         block.after_self_attention = functools.partial(after, block)
     dit.audio_injector.inject = _compile(AudioInjector.inject)
     dit.rotate = _compile(rope.apply_rope)
+    dit.attention_timings = {}  # (query, ring, sink tokens) -> ms per attention candidate (use_fastest_attention)
 
 
 SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
@@ -113,15 +114,21 @@ def time_attention(q_len: int, history_len: int, sink_len: int, heads: int, head
     return times
 
 
-def use_fastest_attention(dit: S2VTransformer, q_len: int, history_len: int, sink_len: int) -> dict[str, float]:
-    """Times the candidates at the stream's self-attention shape (its full ring) and makes the transformer
-    use the fastest. Returns the timings (ms per call)."""
-    c = dit.config
-    times = time_attention(q_len, history_len, sink_len, c.num_heads, c.head_dim, dit.dtype, dit.device)
+def use_fastest_attention(dit: S2VTransformer, stream) -> dict[str, float]:
+    """Makes the transformer use the fastest self-attention at the shape of `stream` (an AvatarStream, or the
+    part of one a rank runs), with its ring full. Each shape is timed once; its timings (ms per call) are kept
+    on the transformer and returned."""
+    ring = next(r for r in stream.rings if r is not None)
+    shape = (stream.settings.latent_frames_per_block * stream.tokens_per_frame, ring.capacity,
+             stream.sink.keys[0].shape[1])
+    if shape not in dit.attention_timings:
+        c = dit.config
+        times = time_attention(*shape, c.num_heads, c.head_dim, dit.dtype, dit.device)
+        dit.attention_timings[shape] = times
+        log.info("self-attention at %s: %s", shape, {k: round(v, 2) for k, v in times.items()})
+    times = dit.attention_timings[shape]
     if times:
-        best = min(times, key=times.get)
-        dit.self_attention = attention_candidates()[best]
-        log.info("self-attention: %s (%s)", best, {k: round(v, 2) for k, v in times.items()})
+        dit.self_attention = attention_candidates()[min(times, key=times.get)]
     return times
 
 

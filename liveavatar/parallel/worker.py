@@ -48,7 +48,6 @@ class RankTransformer:
         if options.fast:
             fastpath.compile_transformer(dit)
         self.dit, self.options = dit, options
-        self._attention_shape: tuple[int, int, int] | None = None
 
     def stream_part(self, text_context, ref_latent, motion_latents, audio, settings: StreamSettings, steps: range,
                     cuda_graphs: bool) -> AvatarStream:
@@ -58,12 +57,8 @@ class RankTransformer:
         cuda = self.dit.device.type == "cuda"
         part = AvatarStream(self.dit, None, text_context, ref_latent, motion_latents, audio, settings,
                             cuda_graphs=cuda_graphs and self.options.fast and cuda, steps=steps)
-        if self.options.fast and cuda:  # as LiveAvatarPipeline.stream: the kernel is timed once per resolution
-            shape = (settings.latent_frames_per_block * part.tokens_per_frame, part.rings[steps[0]].capacity,
-                     part.sink.keys[0].shape[1])
-            if shape != self._attention_shape:
-                fastpath.use_fastest_attention(self.dit, *shape)
-                self._attention_shape = shape
+        if self.options.fast and cuda:  # as LiveAvatarPipeline.stream
+            fastpath.use_fastest_attention(self.dit, part)
         return part
 
 

@@ -2,9 +2,11 @@
 against one process on one GPU.
 
     NCCL_NVLS_ENABLE=0 python -m benchmarks.bench_parallel --gpus 2 --configs bf16 fp8 fp8_fast --out r.json
+    NCCL_NVLS_ENABLE=0 python -m benchmarks.bench_parallel --gpus 2 --configs fp8_fast --decode_costs 0 0.75 1
     python -m benchmarks.bench_parallel --scale tiny --device cpu --gpus 2 --configs fp32 --sizes 128*128 --clips 2
 
-For each configuration (bf16 or FP8 linear layers, eager or the compiled fast path) one pipeline is started:
+For each configuration (bf16 or FP8 linear layers, eager or the compiled fast path) and each decode cost (how
+the schedule shares the layers out: liveavatar.parallel.schedule) one pipeline is started:
 every rank builds the same random models on its own GPU (benchmarks.random_models, same seeds). For each
 size: a warm-up stream of one clip, the measured stream of --clips clips, then (for the first size) the same
 stream in one process on the output rank's GPU, its transformer running all the steps with the same
@@ -48,6 +50,7 @@ from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline  # noqa:
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.media import image as image_io  # noqa: E402
 from liveavatar.parallel.launch import start_pipeline  # noqa: E402
+from liveavatar.parallel.schedule import DECODE_COST  # noqa: E402
 from liveavatar.parallel.worker import DitOptions  # noqa: E402
 
 SEED = 42
@@ -67,6 +70,9 @@ class RandomModels:
 
     scale: str
     dtype: torch.dtype
+
+    def num_layers(self) -> int:
+        return SCALES[self.scale].dit.num_layers
 
     def load_dit(self, device: torch.device):
         return build_dit(SCALES[self.scale].dit, device, self.dtype)
@@ -139,6 +145,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", nargs="+", default=["704*384", "720*400"])
     parser.add_argument("--clips", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=["bf16", "fp8"], choices=sorted(CONFIGS))
+    parser.add_argument("--decode_costs", nargs="+", type=float, default=[DECODE_COST],
+                        help="a block's decode in denoising steps, for the schedule's cut; one pipeline for each")
     parser.add_argument("--scale", default="full", choices=sorted(SCALES))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--deadline_s", type=float, default=float("inf"),
@@ -150,22 +158,23 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     report = {"gpus": args.gpus, "clips": args.clips, "scale": args.scale, "torch": torch.__version__, "runs": []}
-    for config in args.configs:
+    for config, decode_cost in [(c, d) for c in args.configs for d in args.decode_costs]:
         if time.perf_counter() - t_start > args.deadline_s:
-            report["runs"].append({"config": config, "skipped": "deadline"})
+            report["runs"].append({"config": config, "decode_cost": decode_cost, "skipped": "deadline"})
             continue
         t0 = time.perf_counter()
         try:
             pipe = start_pipeline(RandomModels(args.scale, dtype), args.gpus, device_type=args.device,
-                                  options=CONFIGS[config], cpu_threads=1 if args.device == "cpu" else None)
+                                  options=CONFIGS[config], cpu_threads=1 if args.device == "cpu" else None,
+                                  decode_cost=decode_cost)
         except Exception as e:
-            report["runs"].append({"config": config, "error": f"start: {type(e).__name__}: {e}"})
+            report["runs"].append({"config": config, "decode_cost": decode_cost, "error": f"start: {type(e).__name__}: {e}"})
             continue
         start_s = time.perf_counter() - t0
         report.setdefault("device", torch.cuda.get_device_name(pipe.device) if args.device == "cuda" else "cpu")
         try:
             for i, size in enumerate(args.sizes):
-                run = {"config": config, "size": size, "start_pipeline_s": start_s}
+                run = {"config": config, "decode_cost": decode_cost, "size": size, "start_pipeline_s": start_s}
                 report["runs"].append(run)
                 if time.perf_counter() - t_start > args.deadline_s:
                     run["skipped"] = "deadline"
@@ -208,17 +217,17 @@ def _write(path: str, report: dict) -> None:
 
 def _print_table(report: dict) -> None:
     print(f"\n{report.get('device')}, {report['gpus']} ranks, {report['clips']} clips, torch {report['torch']}")
-    print(f"{'run':<20}{'fps':>6}{'steady':>7}{'after refill':>13}{'ttff':>6}{'1-GPU steady':>13}{'1-GPU ttff':>11}{'max rel Δ':>10}"
+    print(f"{'run':<26}{'fps':>6}{'steady':>7}{'after refill':>13}{'ttff':>6}{'1-GPU steady':>13}{'1-GPU ttff':>11}{'max rel Δ':>10}"
           f"  ranks: stage ms / idle % / peak GiB")
     for run in report["runs"]:
-        name = f"{run['config']} {run.get('size', '')}"
+        name = f"{run['config']} d{run['decode_cost']:g} {run.get('size', '')}"
         if "pipeline" not in run:
-            print(f"{name:<20}  {run.get('skipped') or run.get('error', 'failed')}")
+            print(f"{name:<26}  {run.get('skipped') or run.get('error', 'failed')}")
             continue
         p, s = run["pipeline"], run.get("single", {})
         ranks = "  ".join(f"r{r['rank']} {r['stage_ms']:.0f}/{100 * r['idle_fraction']:.0f}/{r['peak_memory_gb']:.0f}"
                           for r in run["ranks"])
-        print(f"{name:<20}{p['fps']:>6.1f}{p.get('steady_fps', 0):>7.1f}{p.get('after_refill_fps', 0):>13.1f}{p['ttff_s']:>6.2f}"
+        print(f"{name:<26}{p['fps']:>6.1f}{p.get('steady_fps', 0):>7.1f}{p.get('after_refill_fps', 0):>13.1f}{p['ttff_s']:>6.2f}"
               f"{s.get('steady_fps', float('nan')):>13.1f}{s.get('ttff_s', float('nan')):>11.2f}"
               f"{s.get('latents_max_rel_diff', float('nan')):>10.1e}  {ranks}")
 

@@ -87,6 +87,33 @@ def test_block_step_is_the_forward_block_and_writes_the_ring_in_place(pipe):
     assert torch.equal(rings[0].keys, rings[1].keys)
 
 
+def test_a_step_split_between_layer_ranges_is_the_whole_step(pipe):
+    """What the ranks of the multi-device pipeline do with a step they share: the first part returns the
+    residual stream, the second continues it; each holds the ring of its own layers only."""
+    dit = pipe.dit
+    c = dit.config
+    whole = _stream_velocities(dit)
+    gen = torch.Generator().manual_seed(1)  # the inputs of _stream_velocities
+    text_kv = dit.text_kv(torch.randn(1, 5, 4096, generator=gen))
+    sink = dit.prefill_sink(torch.randn(1, 16, 1, H, W, generator=gen), torch.randn(1, 16, 19, H, W, generator=gen), text_kv)
+    cut = 3
+    first, second = range(cut), range(cut, c.num_layers)
+    rings = [RingCache(len(part), 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype,
+                       first_layer=part.start) for part in (first, second)]
+    for k in range(len(whole)):
+        x, audio = _inputs(10 + k)
+        args = (700.0, audio, text_kv, sink)
+        tokens = dit.forward_block(x, *args, rings[0], start_frame=3 * k, ref_roll=4 + k, layers=first)
+        assert tokens.shape == (1, 3 * TOKENS_PER_FRAME, c.dim) and tokens.dtype == torch.float32
+        v = dit.forward_block(x, *args, rings[1], start_frame=3 * k, ref_roll=4 + k, layers=second, tokens=tokens)
+        assert torch.equal(v, whole[k])
+    assert [r.keys.shape[0] for r in rings] == [cut, c.num_layers - cut]
+    with pytest.raises(ValueError, match="needs its tokens"):
+        dit.forward_block(x, *args, rings[1], start_frame=0, ref_roll=4, layers=second)
+    with pytest.raises(ValueError, match="not a contiguous part"):
+        dit.forward_block(x, *args, rings[1], start_frame=0, ref_roll=4, layers=range(cut, c.num_layers + 1), tokens=tokens)
+
+
 def test_streamed_blocks_and_rings_match_resident_ones(pipe):
     reference = _stream_velocities(pipe.dit)
     streamed = copy.deepcopy(pipe.dit)

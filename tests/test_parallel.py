@@ -6,6 +6,7 @@ single-process reference, so the numbers are expected to be bit-identical (the r
 operations on the same tensors; only latents move between them, in float32).
 """
 
+import itertools
 import json
 import time
 from datetime import timedelta
@@ -16,6 +17,7 @@ import torch
 from conftest import CKPT, GOLDEN, requires_golden
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.engine.stream import StreamSettings
+from liveavatar.errors import LiveAvatarError
 from liveavatar.media.audio import load_audio
 from liveavatar.parallel.launch import CheckpointModels, start_pipeline
 from liveavatar.parallel.pipeline import RankFailed
@@ -25,27 +27,64 @@ SEED = 5
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8])
-def test_schedule_covers_every_step_once_in_order(steps):
-    for world in range(1, steps + 2):
-        schedule = Schedule(world, steps)
-        groups = [schedule.steps_of(r) for r in range(world)]
-        assert [s for g in groups for s in g] == list(range(steps))
-        sizes = [len(g) for g in groups[: schedule.denoising_ranks]]
-        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
-        assert sizes == sorted(sizes, reverse=True)  # the decoding rank never has more than the others
-        assert schedule.dedicated_decoder == (world == steps + 1)
+@pytest.mark.parametrize("layers", [1, 2, 8, 40])
+@pytest.mark.parametrize("decode_cost", [0.0, 0.75, 3.0])
+def test_schedule_covers_every_layer_of_every_step_once_in_order(steps, layers, decode_cost):
+    total = steps * layers
+    for world in sorted({1, 2, 3, 4, 5, steps + 1, total, total + 1} & set(range(1, total + 2))):
+        schedule = Schedule(world, steps, layers, decode_cost)
+        parts = [schedule.parts_of(r) for r in range(world)]
+        assert [(p.step, layer) for rank in parts for p in rank for layer in p.layers] == \
+            [(step, layer) for step in range(steps) for layer in range(layers)]
+        assert all(parts[r] for r in range(world - 1))  # only the decoding rank may have no layers
+        assert schedule.dedicated_decoder == (not parts[-1])
+        for r in range(1, world):  # a rank receives a residual stream where its predecessor stops inside a step
+            assert schedule.receives_tokens(r) == (bool(parts[r]) and parts[r - 1][-1].layers.stop < layers)
+        assert not schedule.receives_tokens(0)
+        costs = [schedule.cost(r) for r in range(world)]
+        assert sum(costs) == pytest.approx(steps + decode_cost)
+        sizes = [sum(len(p.layers) for p in rank) for rank in parts[:-1]]
+        assert max(sizes, default=0) - min(sizes, default=0) <= 1  # the ranks before the last share evenly
+        if total <= 16 and world <= 5:  # no other cut gives the busiest rank less work
+            assert max(costs) == pytest.approx(best_largest_share(total, world, decode_cost * layers) / layers)
         assert [schedule.next(r) for r in range(world)] == list(range(1, world)) + [None]
-    with pytest.raises(ValueError):
-        Schedule(steps + 2, steps)
+    for world in (0, total + 2):
+        with pytest.raises(ValueError, match="ranks for"):
+            Schedule(world, steps, layers, decode_cost)
+
+
+def best_largest_share(layers: int, ranks: int, decode: float) -> float:
+    """The smallest largest share over every way to cut `layers` layers into `ranks` stretches, the last one
+    of which also decodes (brute force)."""
+    best = float("inf")
+    for cuts in itertools.combinations_with_replacement(range(layers + 1), ranks - 1):
+        ends = (0, *cuts, layers)
+        loads = [b - a for a, b in zip(ends, ends[1:])]
+        if all(loads[:-1]):
+            best = min(best, max(loads[:-1] + [loads[-1] + decode]))
+    return best
 
 
 def test_schedule_layouts():
-    assert [Schedule(2, 4).describe(r) for r in range(2)] == ["steps 0-1", "steps 2-3 + decode"]
-    assert [Schedule(3, 4).describe(r) for r in range(3)] == ["steps 0-1", "step 2", "step 3 + decode"]
-    assert [Schedule(5, 4).describe(r) for r in range(5)] == ["step 0", "step 1", "step 2", "step 3", "decode"]
-    assert [Schedule(2, 3).describe(r) for r in range(2)] == ["steps 0-1", "step 2 + decode"]
-    assert [Schedule(1, 4).describe(0)] == ["steps 0-3 + decode"]
+    def layout(*args):
+        schedule = Schedule(*args)
+        return [schedule.describe(r) for r in range(schedule.world_size)]
 
+    # The released model (40 layers), a block's decode costing 0.75 of a step.
+    assert layout(2, 4) == ["steps 0-1 + step 2 layers 0-14", "step 2 layers 15-39 + step 3 + decode"]
+    assert layout(5, 4) == ["step 0 layers 0-37", "step 0 layers 38-39 + step 1 layers 0-35",
+                            "step 1 layers 36-39 + step 2 layers 0-33", "step 2 layers 34-39 + step 3 layers 0-31",
+                            "step 3 layers 32-39 + decode"]
+    assert layout(5, 4, 40, 1.5) == ["step 0", "step 1", "step 2", "step 3", "decode"]  # the original's 4 + 1
+    assert layout(1, 4) == ["steps 0-3 + decode"]
+    # The tiny golden model (8 layers), as the tests below run it.
+    assert layout(2, 4, 8) == ["steps 0-1 + step 2 layers 0-2", "step 2 layers 3-7 + step 3 + decode"]
+    assert layout(3, 2, 8, 3.0) == ["step 0", "step 1", "decode"]
+    assert layout(5, 4, 8) == ["step 0", "step 1", "step 2 layers 0-6", "step 2 layer 7 + step 3 layers 0-5",
+                               "step 3 layers 6-7 + decode"]
+    assert layout(6, 4, 8) == ["step 0 layers 0-6", "step 0 layer 7 + step 1 layers 0-4",
+                               "step 1 layers 5-7 + step 2 layers 0-2", "step 2 layers 3-7 + step 3 layer 0",
+                               "step 3 layers 1-6", "step 3 layer 7 + decode"]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +128,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @requires_golden
 def test_generate_on_two_processes(single, tmp_path):
-    """`liveavatar generate --gpus 2` (here CPU processes): rank 0 steps 0-1, rank 1 steps 2-3 + decode + MP4."""
+    """`liveavatar generate --gpus 2` (here CPU processes): rank 0 steps 0-1 and the first 3 layers of step 2,
+    rank 1 the rest of step 2, step 3, the decode and the MP4."""
     from safetensors.torch import load_file
 
     from liveavatar.interfaces import cli
@@ -107,17 +147,17 @@ def test_generate_on_two_processes(single, tmp_path):
 
 @requires_golden
 @pytest.mark.parametrize(
-    "world, steps, clips",
+    "world, steps, clips, decode_cost",
     [
-        (5, 4, 3),  # the original's layout: one rank per step and a decode rank
-        (3, 4, 2),  # steps 0-1 | step 2 | step 3 + decode
-        (2, 3, 2),  # a step count that is not a multiple of the ranks
-        (3, 2, 2),  # more ranks than steps: a dedicated decode rank
+        (5, 4, 3, 0.75),  # whole steps on ranks 0-1, then steps split between ranks (residual streams sent)
+        (3, 2, 2, 3.0),  # a costly decode: one rank per step and a dedicated decode rank (the original's layout)
+        (6, 4, 2, 0.75),  # more ranks than steps + 1: a residual stream on every hop
+        (2, 3, 2, 0.75),  # a step count that does not divide evenly
     ],
 )
-def test_same_video_as_single_process(single, world, steps, clips):
+def test_same_video_as_single_process(single, world, steps, clips, decode_cost):
     _, cond = single
-    pipe = start(world, steps)
+    pipe = start(world, steps, decode_cost=decode_cost)
     try:
         latents, frames, stats = run(pipe, cond, steps, clips)
     finally:
@@ -127,9 +167,15 @@ def test_same_video_as_single_process(single, world, steps, clips):
     assert rel_diff(latents, ref_latents) == 0.0  # measured: bit-identical on every layout
     assert torch.equal(frames, ref_frames)
     assert [s["rank"] for s in stats] == list(range(world))
-    schedule = Schedule(world, steps)
+    schedule = Schedule(world, steps, 8, decode_cost)
     assert [s["role"] for s in stats] == [schedule.describe(r) for r in range(world)]
     assert all(s["blocks"] == clips * 4 for s in stats)
+
+
+@requires_golden
+def test_world_size_beyond_the_layers_is_refused_before_any_rank_starts():
+    with pytest.raises(LiveAvatarError, match="34 ranks for 4 denoising steps of 8 layers: use 1 to 33"):
+        start(34, 4)
 
 
 @requires_golden

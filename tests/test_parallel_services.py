@@ -127,7 +127,8 @@ def test_app_form_runs_the_pipelines_step_count(service, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["serve", "--gpus", "6"], "--gpus 6: "),
+        (["serve", "--gpus", "200"], "--gpus 200: 200 ranks for 4 denoising steps of 40 layers: use 1 to 161"),
+        (["serve", "--gpus", "0"], "--gpus 0: "),
         (["app", "--gpus", "2", "--offload_model"], "--offload_model: with --gpus"),
         (["serve", "--gpus", "2", "--device", "cpu:1"], "--device cpu:1 with --gpus 2"),
     ],

@@ -64,6 +64,15 @@ class StreamSettings:
         return self.latent_frames_per_block * FRAMES_PER_LATENT
 
 
+@dataclass(frozen=True)
+class StepPart:
+    """Layers of one denoising step: a whole step, or the stretch of one that a rank of the multi-device
+    pipeline runs (liveavatar.parallel.schedule)."""
+
+    step: int
+    layers: range
+
+
 class AudioSource(Protocol):
     """Audio features per block: [1, layers, C, video_frames_per_block] for absolute block k."""
 
@@ -127,7 +136,7 @@ class AvatarStream:
         offload_kv: bool = False,
         cuda_graphs: bool = False,
         concurrent_decode: bool = False,
-        steps: range | None = None,
+        parts: list[StepPart] | None = None,
     ):
         """kv_dtype: storage of the ring caches (default the transformer's dtype; torch.float8_e4m3fn halves
         their memory, see RingCache). offload_kv: keep the rings in pinned host memory, one layer at a time
@@ -137,11 +146,15 @@ class AvatarStream:
         default: both saturate the GPU, and on an H100 sharing it made the pair slower than running them back
         to back (docs/benchmarks.md). Either way the host enqueues block k+1's steps before it waits for block
         k's frames, so muxing on the host overlaps the GPU's work.
-        steps (default all) and vae=None make the part of a stream that one rank of the multi-device pipeline
-        runs (liveavatar.parallel): ring caches for those denoising steps only and no decoder. Such a stream is
-        driven through its pieces (noise_for_block, denoise_step, replace_sink), not blocks()."""
+        parts (default: every step whole) and vae=None make the share of a stream that one rank of the
+        multi-device pipeline runs (liveavatar.parallel): ring caches for those steps' layers only and no
+        decoder. Such a stream is driven through its pieces (noise_for_block, denoise_part, replace_sink), not
+        blocks()."""
         self.dit, self.vae, self.audio, self.settings = dit, vae, audio, settings
-        self.steps = range(settings.sample_steps) if steps is None else steps
+        cfg = dit.config
+        if parts is None:
+            parts = [StepPart(step, range(cfg.num_layers)) for step in range(settings.sample_steps)]
+        self.parts = parts
         device = dit.device
         self.ref_latent = ref_latent.to(device, torch.float32)
         self.motion_latents = motion_latents.to(device, torch.float32)
@@ -150,14 +163,16 @@ class AvatarStream:
         self.tokens_per_frame = (self.lat_h // 2) * (self.lat_w // 2)
 
         self.text_kv = dit.text_kv(text_context.to(device)[None])
-        cfg = dit.config
         ring_tokens = settings.latent_frames_per_clip * self.tokens_per_frame
-        ring_shape = (cfg.num_layers, 1, ring_tokens, cfg.num_heads, cfg.head_dim)
+        ring_shape = (1, ring_tokens, cfg.num_heads, cfg.head_dim)
         if offload_kv:
-            self.rings = HostRings(settings.sample_steps, *ring_shape, device, kv_dtype or dit.dtype, dit.dtype).rings
+            self.rings = HostRings(settings.sample_steps, cfg.num_layers, *ring_shape, device, kv_dtype or dit.dtype,
+                                   dit.dtype).rings
         else:
-            self.rings = [RingCache(*ring_shape, device, kv_dtype or dit.dtype, dit.dtype) if step in self.steps else None
-                          for step in range(settings.sample_steps)]
+            self.rings: list[RingCache | None] = [None] * settings.sample_steps  # per step: its layers' ring, if any
+            for part in parts:
+                self.rings[part.step] = RingCache(len(part.layers), *ring_shape, device, kv_dtype or dit.dtype,
+                                                  dit.dtype, first_layer=part.layers.start)
         self.sink: SinkCache = dit.prefill_sink(self.ref_latent, self.motion_latents, self.text_kv)
         self.sink_replaced = False
         self._step_graphs = StepGraphs(dit) if cuda_graphs else None
@@ -184,9 +199,16 @@ class AvatarStream:
 
     def denoise_step(self, k: int, step: int, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """One Euler step of block k with cache `step`: returns x moved from sigma[step] to sigma[step+1]."""
-        f = self.settings.latent_frames_per_block
+        return self.denoise_part(k, StepPart(step, range(self.dit.config.num_layers)), x, None, audio)[0]
+
+    def denoise_part(self, k: int, part: StepPart, x: torch.Tensor, tokens: torch.Tensor | None,
+                     audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Part of an Euler step of block k: x are the latents at the step's start, tokens the step's residual
+        stream after the layers before the part (None when it starts the step). Returns (x moved from
+        sigma[step] to sigma[step+1], None) when the part ends the step, else (x, the residual stream after it)."""
+        f, step = self.settings.latent_frames_per_block, part.step
         forward = self._step_graphs.forward_block if self._step_graphs is not None else self.dit.forward_block
-        v = forward(
+        out = forward(
             x[None].to(self.dit.device),
             self.timesteps[step],
             audio,
@@ -195,8 +217,13 @@ class AvatarStream:
             self.rings[step],
             start_frame=k * f,
             ref_roll=scheduler.ref_roll(self.settings.seed, k, step),
-        )[0]
-        return x.to(v.device) + (self.sigmas[step + 1] - self.sigmas[step]).item() * v
+            layers=part.layers,
+            tokens=tokens,
+        )
+        if part.layers.stop < self.dit.config.num_layers:
+            return x, out
+        v = out[0]
+        return x.to(v.device) + (self.sigmas[step + 1] - self.sigmas[step]).item() * v, None
 
     def replace_sink(self, new_ref: torch.Tensor) -> None:
         """Rolling sink frame: the first generated latent becomes the reference, motion latents stay."""

@@ -84,7 +84,7 @@ def _check_parallel(gpus: int, sample_steps: int, device: str, offload_model: bo
     from liveavatar.parallel.schedule import Schedule
 
     try:
-        Schedule(gpus, sample_steps)
+        Schedule(gpus, sample_steps)  # the released model's depth; start_pipeline checks the checkpoint's own
     except ValueError as e:
         raise LiveAvatarError(f"--gpus {gpus}: {e}") from None
     if offload_model:

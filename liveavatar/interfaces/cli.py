@@ -121,9 +121,10 @@ def _add_model_args(parser, gpus_note: str = "") -> None:
               "leave the GPU after use either way")
     _add(parser, "fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer (GPUs with FP8 "
          "tensor cores: Ada, Hopper)")
-    _add(parser, "gpus", type=int, default=1, help="GPUs to pipeline the denoising steps over, 1 to sample_steps + 1: "
-         "each runs its share of the steps, the last also decodes (cuda:0..N-1; choose them with "
-         f"CUDA_VISIBLE_DEVICES). With --device cpu, that many CPU processes.{gpus_note} (default: %(default)s)")
+    _add(parser, "gpus", type=int, default=1, help="GPUs to pipeline each block's work over: the denoising steps' "
+         "layers are shared out so that every GPU has about the same work, the last one also decodes; any number "
+         "up to one per layer of every step (cuda:0..N-1; choose them with CUDA_VISIBLE_DEVICES). With --device "
+         f"cpu, that many CPU processes.{gpus_note} (default: %(default)s)")
     _add(parser, "log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 

@@ -168,12 +168,13 @@ class S2VTransformer(nn.Module):
         # Set by liveavatar.models.offload when the blocks live in host memory: called before block i runs.
         self.block_streamer = None
 
-    def layers(self):
-        """(index, block) in depth order, each on the device when it is handed out (see `block_streamer`)."""
-        for i, block in enumerate(self.blocks):
+    def layers(self, which: range | None = None):
+        """(index, block) in depth order (all, or those in `which`), each on the device when it is handed out
+        (see `block_streamer`)."""
+        for i in range(len(self.blocks)) if which is None else which:
             if self.block_streamer is not None:
                 self.block_streamer.before(i)
-            yield i, block
+            yield i, self.blocks[i]
 
     # ------------------------------------------------------------------ conditioning helpers
     @property
@@ -303,6 +304,8 @@ class S2VTransformer(nn.Module):
         ring: RingCache,
         start_frame: int,
         ref_roll: int,
+        layers: range | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One denoising step of one block: velocity [B, 16, F, h, w] for noisy latents x at timestep t.
 
@@ -310,14 +313,15 @@ class S2VTransformer(nn.Module):
         ref_roll: the random offset rd; the reference's RoPE frame becomes 30 + max(0, start - 30 + rd),
           so identity stays a little ahead of the current block however long the stream.
         The block's keys/values are written into `ring`, which must belong to this step.
+        layers, tokens: run only these layers of the step (see `block_step`).
         """
         num_frames, h, w = x.shape[2:]
         grid = (h // 2, w // 2)
         start = start_frame * grid[0] * grid[1]
         inputs = self.block_step_inputs(t, num_frames, grid, start_frame, ref_roll, sink)
-        v = self.block_step(x, audio, *inputs, text_kv, sink, ring, start)
+        out = self.block_step(x, audio, *inputs, text_kv, sink, ring, start, layers, tokens)
         ring.written = max(ring.written, start + num_frames * grid[0] * grid[1])
-        return v
+        return out
 
     def block_step_inputs(
         self, t: float | torch.Tensor, num_frames: int, grid: tuple[int, int], start_frame: int, ref_roll: int, sink: SinkCache
@@ -342,14 +346,28 @@ class S2VTransformer(nn.Module):
         sink: SinkCache,
         ring: RingCache,
         start: int,
+        layers: range | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The velocity of a block step from its inputs. Besides tensors it depends only on the ring position
         `start` (absolute token offset) and the ring's fill, so that liveavatar.models.fastpath can capture it
-        in a CUDA graph. Does not update ring.written."""
+        in a CUDA graph. Does not update ring.written.
+
+        With `layers`, a contiguous part of the depth (the multi-device pipeline splits a step between
+        ranks), the step starts from `tokens`, its residual stream [B, N, D] float32 after the layers before,
+        unless the part starts at layer 0; and it returns the residual stream after the part's last layer
+        instead of the velocity, unless that is the model's last layer."""
         b, _, num_frames, h, w = x.shape
         grid = (h // 2, w // 2)
         end = start + num_frames * grid[0] * grid[1]
-        tokens = self.embed_noisy(x)
+        num_layers = len(self.blocks)
+        layers = range(num_layers) if layers is None else layers
+        if not layers or layers.step != 1 or layers.start < 0 or layers.stop > num_layers:
+            raise ValueError(f"layers {layers} is not a contiguous part of 0..{num_layers - 1}")
+        if (tokens is None) != (layers.start == 0):
+            raise ValueError("a step that starts at layer 0 embeds x; one that starts later needs its tokens")
+        if tokens is None:
+            tokens = self.embed_noisy(x)
         time_mod = e0[:, None]
         audio_global, audio_local = self.audio_tokens(audio, num_frames)
 
@@ -362,10 +380,12 @@ class S2VTransformer(nn.Module):
             sink_k = self.rotate(sink.keys[layer], sink_rope)
             return self.self_attention(self.rotate(q, noisy_rope), hist_k, hist_v, sink_k, sink.values[layer])
 
-        for layer, block in self.layers():
+        for layer, block in self.layers(layers):
             tokens = block(tokens, time_mod, attend, text_kv[layer])
             if layer in self.audio_injector.layer_to_injector:
                 tokens = self.audio_injector(layer, tokens, audio_local, audio_global)
+        if layers.stop < num_layers:
+            return tokens
 
         out = self.head(tokens, e[:, None])
         return self.unpatchify(out, num_frames, grid).float()

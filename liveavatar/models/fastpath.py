@@ -157,33 +157,41 @@ class StepGraphs:
         self.warm.clear()
 
     @torch.no_grad()
-    def forward_block(self, x, t, audio, text_kv, sink, ring, start_frame: int, ref_roll: int) -> torch.Tensor:
-        """S2VTransformer.forward_block, through a graph once `ring` is full."""
+    def forward_block(self, x, t, audio, text_kv, sink, ring, start_frame: int, ref_roll: int,
+                      layers: range | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """S2VTransformer.forward_block, through a graph once `ring` is full. A ring serves one part of one step
+        (its layers), so each part of a step that a rank runs has graphs of its own."""
         dit = self.dit
+        args = (x, t, audio, text_kv, sink, ring, start_frame, ref_roll, layers, tokens)
         if ring.written < ring.capacity or self.error:  # the visible history still grows: shapes change every block
-            return dit.forward_block(x, t, audio, text_kv, sink, ring, start_frame, ref_roll)
+            return dit.forward_block(*args)
         if id(ring) not in self.warm:
             self.warm.add(id(ring))
-            return dit.forward_block(x, t, audio, text_kv, sink, ring, start_frame, ref_roll)
+            return dit.forward_block(*args)
         num_frames, h, w = x.shape[2:]
         grid = (h // 2, w // 2)
         start = start_frame * grid[0] * grid[1]
         inputs = [x, audio, *dit.block_step_inputs(t, num_frames, grid, start_frame, ref_roll, sink)]
+        if tokens is not None:
+            inputs.append(tokens)
         key = (id(ring), start % ring.capacity)
         if key not in self.graphs:
             static = [i.clone() for i in inputs]
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self.pool):
-                    out = dit.block_step(*static, text_kv, sink, ring, start)
+                    out = dit.block_step(*static[:6], text_kv, sink, ring, start, layers, *static[6:])
             except RuntimeError as e:  # a kernel that cannot be captured: keep streaming without graphs
                 self.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
                 log.warning("CUDA graph capture failed, continuing without graphs: %s", self.error)
-                return dit.forward_block(x, t, audio, text_kv, sink, ring, start_frame, ref_roll)
+                return dit.forward_block(*args)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
         for buffer, value in zip(static, inputs):
             buffer.copy_(value)
         graph.replay()
         ring.written = max(ring.written, start + num_frames * grid[0] * grid[1])
+        if layers is not None and layers.stop < len(dit.blocks):
+            # A residual stream goes to the next rank; the graph's buffer is rewritten by its next replay.
+            return out.clone()
         return out

@@ -35,10 +35,12 @@ class RingCache:
     """Fixed-size ring of RoPE'd keys and values for one denoising step, all layers."""
 
     def __init__(self, num_layers: int, batch: int, tokens: int, heads: int, head_dim: int, device, dtype,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, first_layer: int = 0):
         """dtype: storage; compute_dtype: what `valid` returns (default: dtype). With dtype float8_e4m3fn,
-        compute_dtype must be the model's."""
+        compute_dtype must be the model's. The ring holds layers first_layer..first_layer+num_layers-1 (a rank
+        of the multi-device pipeline may run only some layers of a step), addressed by the model's layer index."""
         shape = (num_layers, batch, tokens, heads, head_dim)
+        self.first_layer = first_layer
         self.compute_dtype = compute_dtype or dtype
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
@@ -55,6 +57,7 @@ class RingCache:
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Writes a block's keys/values at absolute token offset `start` (must not straddle the ring's end)."""
+        layer -= self.first_layer
         slot = start % self.capacity
         n = k.shape[1]
         if slot + n > self.capacity:
@@ -69,6 +72,7 @@ class RingCache:
     def valid(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values visible to a block whose tokens end at absolute offset `end`: everything written so
         far before the ring has wrapped, the whole ring after (in slot order, as the reference)."""
+        layer -= self.first_layer
         n = min(end, self.capacity)
         if self.scales is None:
             return self.keys[layer, :, :n], self.values[layer, :, :n]

@@ -244,6 +244,7 @@ def _layer_views(buffer: torch.Tensor, ring: RingCache) -> list[torch.Tensor]:
 def _view_ring(views: list[torch.Tensor], like: RingCache) -> RingCache:
     """A one-layer RingCache over device views (no allocation)."""
     ring = RingCache.__new__(RingCache)
+    ring.first_layer = 0
     ring.compute_dtype = like.compute_dtype
     ring.keys, ring.values = views[0][None], views[1][None]
     ring.scales = (views[2][None], views[3][None]) if like.scales is not None else None

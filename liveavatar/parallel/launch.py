@@ -25,11 +25,11 @@ import torch.distributed as dist
 
 from liveavatar.errors import LiveAvatarError
 from liveavatar.models.audio_encoder import AudioEncoder
-from liveavatar.models.dit import S2VTransformer
+from liveavatar.models.dit import S2VConfig, S2VTransformer
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.parallel.pipeline import ParallelPipeline
-from liveavatar.parallel.schedule import Schedule
+from liveavatar.parallel.schedule import DECODE_COST, Schedule
 from liveavatar.parallel.worker import DitOptions, RankTransformer, serve, synchronize
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ IDLE_TIMEOUT = timedelta(days=365)
 
 class ModelSource(Protocol):
     """Builds the models a rank needs on its device (picklable: it is sent to the spawned ranks)."""
+
+    def num_layers(self) -> int:
+        """The transformer's depth (the schedule splits steps between ranks by layers), known before loading."""
+        ...
 
     def load_dit(self, device: torch.device) -> S2VTransformer: ...
 
@@ -65,6 +69,9 @@ class CheckpointModels:
         from liveavatar.weights.checkpoint import CheckpointLayout
 
         return CheckpointLayout.from_dir(self.ckpt_dir, self.lora_file)
+
+    def num_layers(self) -> int:
+        return S2VConfig.from_json(self._layout().dit_config).num_layers
 
     def load_dit(self, device: torch.device) -> S2VTransformer:
         layout = self._layout()
@@ -89,11 +96,16 @@ def start_pipeline(
     options: DitOptions = DitOptions(),
     cpu_threads: int | None = None,
     op_timeout: timedelta = DEFAULT_OP_TIMEOUT,
+    decode_cost: float = DECODE_COST,
 ) -> ParallelPipeline:
     """Spawns ranks 0..world_size-2, makes this process the output rank, and returns its pipeline once every
     rank has loaded its models. options: the transformer's speed options, on every rank. cpu_threads: torch
-    threads per rank on the CPU (default: the cores shared out)."""
-    schedule = Schedule(world_size, sample_steps)
+    threads per rank on the CPU (default: the cores shared out). decode_cost: a block's decode in denoising
+    steps, for sharing the work out evenly (liveavatar.parallel.schedule)."""
+    try:
+        schedule = Schedule(world_size, sample_steps, models.num_layers(), decode_cost)
+    except ValueError as e:
+        raise LiveAvatarError(str(e)) from None
     if device_type == "cuda" and torch.cuda.device_count() < world_size:
         raise LiveAvatarError(f"{world_size} GPUs asked for, {torch.cuda.device_count()} visible")
     if device_type == "cpu" and cpu_threads is None:
@@ -111,7 +123,7 @@ def start_pipeline(
         rank = schedule.output_rank
         device = _rank_device(rank, device_type, cpu_threads)
         job_group, host_group = _join(store, schedule, rank, device, op_timeout)
-        transformer = RankTransformer(models.load_dit(device), options) if len(schedule.steps_of(rank)) else None
+        transformer = RankTransformer(models.load_dit(device), options) if schedule.parts_of(rank) else None
         vae = models.load_vae(device)
         if options.fast:  # as LiveAvatarPipeline.assemble: the VAE's convolutions have fixed shapes per resolution
             torch.backends.cudnn.benchmark = True

@@ -13,8 +13,8 @@ A stream runs three threads on this rank:
 * the feeder takes each block's audio features from the audio source, in block order (a live source makes
   it wait for the speech), and sends them to every denoising rank up to LOOKAHEAD blocks ahead of need;
   the first block of clip 1 also carries the rolling sink frame, the first latent frame of block 0;
-* the stage thread receives each block's latents from the previous rank, runs this rank's own steps (when
-  it also denoises), and enqueues the decode and the copy of the frames to the host right behind them, on
+* the stage thread receives each block's latents from the previous rank, runs this rank's own share of the
+  steps (when it also denoises), and enqueues the decode and the copy of the frames to the host right behind them, on
   the same CUDA stream: steps and decode share the GPU back to back rather than concurrently (concurrent
   they contend and the pair gets slower), and the block's frames are never queued behind the next block's
   steps; the thread goes on with the next block without waiting for the GPU;
@@ -43,13 +43,13 @@ from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.parallel.schedule import Schedule
 from liveavatar.parallel.worker import (
-    BlockWork, BusyClock, Job, RankTransformer, busy_summary, latent_receiver, peak_memory_gb, run_blocks,
+    BlockWork, BusyClock, Job, RankTransformer, busy_summary, peak_memory_gb, receiver_of, run_blocks,
     send_block_work, synchronize, to_host,
 )
 
 log = logging.getLogger(__name__)
 
-LOOKAHEAD = 8  # blocks whose messages may be out before rank 0 takes them (two clips)
+LOOKAHEAD = 8  # blocks whose messages may be out before rank 0 takes them (two clips; more for longer pipelines)
 DECODE_QUEUE = 2  # decoded blocks the caller has not taken yet; beyond this the pipeline waits (bounded memory)
 POLL_S = 0.5  # how often a waiting thread checks that the others (and the other ranks) are alive
 
@@ -164,18 +164,19 @@ class ParallelStream:
         self._streams = {name: torch.cuda.Stream(device) for name in ("feed", "stage")} if self._cuda else {}
 
         job = Job(settings, cond.text_context.float().cpu(), cond.ref_latent.float().cpu(), cond.motion_latents.float().cpu())
-        self._latent_shape = job.latent_shape
+        self._job = job
         if self.schedule.world_size > 1:
             dist.broadcast_object_list([job], src=self.rank, group=pipe.host_group)
-        steps = self.schedule.steps_of(self.rank)
+        parts = self.schedule.parts_of(self.rank)
         self._part = None
-        if len(steps):  # its steps run on the stage thread, beside the feeder and the caller: no CUDA graphs
+        if parts:  # they run on the stage thread, beside the feeder and the caller: no CUDA graphs
             self._part = pipe.transformer.stream_part(cond.text_context, cond.ref_latent, cond.motion_latents,
-                                                      cond.audio, settings, steps, cuda_graphs=False)
+                                                      cond.audio, settings, parts, cuda_graphs=False)
         self._decoder = start_decoder(pipe.vae, cond.motion_latents.to(device))
         synchronize(device)  # the stage thread's stream takes over the caches made here
 
-        self._feed_queue: queue.Queue = queue.Queue(maxsize=LOOKAHEAD)  # this rank's own block messages
+        self._lookahead = max(LOOKAHEAD, 2 * self.schedule.world_size)  # every rank has work queued
+        self._feed_queue: queue.Queue = queue.Queue(maxsize=self._lookahead)  # this rank's own block messages
         self._decode_queue: queue.Queue = queue.Queue(maxsize=DECODE_QUEUE)
         self._cancelled = threading.Event()
         self._block0_final = threading.Event()
@@ -275,7 +276,7 @@ class ParallelStream:
         try:
             with self._on(self._streams.get("feed")):
                 for k in range(total):
-                    if len(in_flight) == LOOKAHEAD:
+                    if len(in_flight) == self._lookahead:
                         for send in in_flight.popleft():
                             send.wait()
                     if self._cancelled.is_set():
@@ -327,10 +328,8 @@ class ParallelStream:
     def _stage(self) -> None:
         try:
             with self._on(self._streams.get("stage")):
-                previous = self.schedule.previous(self.rank)
-                receive = None
-                if previous is not None:
-                    receive = latent_receiver(previous, self._latent_shape, self.pipe.vae.device, self.pipe.job_group)
+                dim = None if self._part is None else self._part.dit.config.dim
+                receive = receiver_of(self.schedule, self.rank, self._job, dim, self.pipe.vae.device, self.pipe.job_group)
                 self._sink_ms = run_blocks(self._part, self._feed_queue.get, receive, self._deliver, self._stage_clock)
             self._running["feed"].wait()  # its last sends are done before the host group is used again
             self._worker_stats = []
@@ -343,9 +342,10 @@ class ParallelStream:
             return
         self._put_decoded(None)  # the end: the caller stops here if the feeder stopped early
 
-    def _deliver(self, k: int, x: torch.Tensor) -> None:
+    def _deliver(self, k: int, x: torch.Tensor, tokens: None) -> None:
         """Block k's final latents: the rolling sink frame (block 0), then the decode and the copies to the host
-        enqueued behind this rank's steps; the caller waits for them."""
+        enqueued behind this rank's steps; the caller waits for them. (The last step always ends here, so no
+        residual stream comes with them.)"""
         if k == 0:
             self._new_ref = x[None, :, :1].float().cpu()
             self._block0_final.set()

@@ -4,7 +4,8 @@ denoising ranks' life between jobs.
 Two process groups connect the ranks:
 
 * the job group (NCCL on GPUs, gloo on the CPU) carries only latents: one [16, F, h, w] float32 tensor per
-  block from each rank to the next (point-to-point; no collective ever waits on it);
+  block from each rank to the next, and with it the step's residual stream [1, tokens, dim] float32 where a
+  rank's share ends inside a step (point-to-point; no collective ever waits on it);
 * the host group (gloo, CPU tensors) carries everything else: the job itself (broadcast by the output
   rank), one message per block from the output rank to every denoising rank (the block's audio features
   and, with the first block of clip 1, the rolling sink frame; or the end of the job), sent ahead of need,
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from liveavatar.engine.stream import AvatarStream, StreamSettings
+from liveavatar.engine.stream import AvatarStream, StepPart, StreamSettings
 from liveavatar.models import fastpath
 from liveavatar.models.dit import S2VTransformer
 from liveavatar.models.fp8 import quantize_transformer
@@ -49,14 +50,14 @@ class RankTransformer:
             fastpath.compile_transformer(dit)
         self.dit, self.options = dit, options
 
-    def stream_part(self, text_context, ref_latent, motion_latents, audio, settings: StreamSettings, steps: range,
-                    cuda_graphs: bool) -> AvatarStream:
-        """The part of a stream this rank runs: the caches of its steps. cuda_graphs: replay its steady steps as
-        CUDA graphs (with the fast path), where no other thread of the process uses the GPU meanwhile (a capture
-        forbids that)."""
+    def stream_part(self, text_context, ref_latent, motion_latents, audio, settings: StreamSettings,
+                    parts: list[StepPart], cuda_graphs: bool) -> AvatarStream:
+        """The share of a stream this rank runs: the caches of its steps' layers. cuda_graphs: replay its steady
+        steps as CUDA graphs (with the fast path), where no other thread of the process uses the GPU meanwhile
+        (a capture forbids that)."""
         cuda = self.dit.device.type == "cuda"
         part = AvatarStream(self.dit, None, text_context, ref_latent, motion_latents, audio, settings,
-                            cuda_graphs=cuda_graphs and self.options.fast and cuda, steps=steps)
+                            cuda_graphs=cuda_graphs and self.options.fast and cuda, parts=parts)
         if self.options.fast and cuda:  # as LiveAvatarPipeline.stream
             fastpath.use_fastest_attention(self.dit, part)
         return part
@@ -76,6 +77,11 @@ class Job:
         """One block's latents as they travel between ranks."""
         h, w = self.ref_latent.shape[-2:]
         return (LATENT_CHANNELS, self.settings.latent_frames_per_block, h, w)
+
+    def token_shape(self, dim: int) -> tuple[int, ...]:
+        """A step's residual stream for one block, as it travels where a step is split between ranks."""
+        _, frames, h, w = self.latent_shape
+        return (1, frames * (h // 2) * (w // 2), dim)
 
 
 @dataclass
@@ -129,30 +135,48 @@ def block_work_receiver(src: int, job: Job, device: torch.device, group) -> Call
 
 
 class LatentSender:
-    """Sends each block's latents to the next rank while this rank goes on with the next block; at most one
-    send is in flight (its tensor must stay untouched until it is done)."""
+    """Sends each block's latents (and the residual stream of a step split between ranks) to the next rank
+    while this rank goes on with the next block; at most one block is in flight (its tensors must stay
+    untouched until it is done)."""
 
     def __init__(self, dst: int, group):
         self.dst, self.group = dst, group
-        self._pending = None
+        self._pending: list = []
 
-    def send(self, x: torch.Tensor) -> None:
+    def send(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
         self.flush()
-        self._pending = dist.isend(x.contiguous(), self.dst, group=self.group)
+        self._pending = [dist.isend(t.contiguous(), self.dst, group=self.group)
+                         for t in (x, tokens) if t is not None]
 
     def flush(self) -> None:
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
+        for send in self._pending:
+            send.wait()
+        self._pending = []
 
 
-def latent_receiver(src: int, shape: tuple[int, ...], device: torch.device, group) -> Callable[[], torch.Tensor]:
-    def receive() -> torch.Tensor:
+def latent_receiver(src: int, shape: tuple[int, ...], token_shape: tuple[int, ...] | None, device: torch.device,
+                    group) -> Callable[[], tuple[torch.Tensor, torch.Tensor | None]]:
+    """Receives (latents, residual stream or None) of each block from `src`; token_shape None: latents only."""
+    def receive() -> tuple[torch.Tensor, torch.Tensor | None]:
         x = torch.empty(shape, device=device)
         dist.recv(x, src, group=group)
-        return x
+        tokens = None
+        if token_shape is not None:
+            tokens = torch.empty(token_shape, device=device)
+            dist.recv(tokens, src, group=group)
+        return x, tokens
 
     return receive
+
+
+def receiver_of(schedule: Schedule, rank: int, job: Job, dim: int | None, device: torch.device, group):
+    """What `rank` receives from the previous rank for each block (None: rank 0 starts from noise). dim: the
+    transformer's width, for a rank that continues a step (None where the rank has no transformer)."""
+    previous = schedule.previous(rank)
+    if previous is None:
+        return None
+    token_shape = job.token_shape(dim) if schedule.receives_tokens(rank) else None
+    return latent_receiver(previous, job.latent_shape, token_shape, device, group)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -232,13 +256,14 @@ def busy_summary(intervals: list[tuple[float, float]], blocks: int | None = None
 def run_blocks(
     stream: AvatarStream | None,
     take: Callable[[], BlockWork | None],
-    receive: Callable[[], torch.Tensor] | None,
-    deliver: Callable[[int, torch.Tensor], None],
+    receive: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None,
+    deliver: Callable[[int, torch.Tensor, torch.Tensor | None], None],
     clock: BusyClock,
 ) -> float:
     """One rank's share of a job: for every block it is given, take the latents (noise on rank 0, else what
-    the previous rank sent), run this rank's denoising steps (none on a dedicated decode rank: stream None)
-    and deliver them. Returns the time spent prefilling the sink again (ms)."""
+    the previous rank sent, with the residual stream of a step it continues), run this rank's parts of the
+    denoising steps (none on a dedicated decode rank: stream None) and deliver the result. Returns the time
+    spent prefilling the sink again (ms)."""
     sink_ms = 0.0
     while (work := take()) is not None:
         k = work.block
@@ -247,14 +272,17 @@ def run_blocks(
             stream.replace_sink(work.new_ref)
             synchronize(stream.dit.device)  # once per job, so that the time is the prefill's own
             sink_ms = (time.perf_counter() - t0) * 1000
-        x = to_device(stream.noise_for_block(k), stream.dit.device) if receive is None else receive()
+        if receive is None:
+            x, tokens = to_device(stream.noise_for_block(k), stream.dit.device), None
+        else:
+            x, tokens = receive()
         if stream is not None:
             audio = to_device(work.audio, stream.dit.device)
             clock.start()
-            for step in stream.steps:
-                x = stream.denoise_step(k, step, x, audio)
+            for part in stream.parts:
+                x, tokens = stream.denoise_part(k, part, x, tokens, audio)
             clock.stop()
-        deliver(k, x)
+        deliver(k, x, tokens)
     return sink_ms
 
 
@@ -278,15 +306,14 @@ def run_job_share(transformer: RankTransformer, schedule: Schedule, rank: int, j
     device = transformer.dit.device
     t0 = time.perf_counter()
     stream = transformer.stream_part(job.text_context, job.ref_latent, job.motion_latents, None, job.settings,
-                                     schedule.steps_of(rank), cuda_graphs=True)
+                                     schedule.parts_of(rank), cuda_graphs=True)
     synchronize(device)
     setup_ms = (time.perf_counter() - t0) * 1000
-    previous = schedule.previous(rank)
-    receive = None if previous is None else latent_receiver(previous, job.latent_shape, device, job_group)
+    receive = receiver_of(schedule, rank, job, transformer.dit.config.dim, device, job_group)
     sender = LatentSender(schedule.next(rank), job_group)
     clock = BusyClock(device)
     take = block_work_receiver(schedule.output_rank, job, device, host_group)
-    sink_ms = run_blocks(stream, take, receive, lambda k, x: sender.send(x), clock)
+    sink_ms = run_blocks(stream, take, receive, lambda k, x, tokens: sender.send(x, tokens), clock)
     sender.flush()
     return {"rank": rank, "role": schedule.describe(rank), "setup_ms": setup_ms, "sink_refill_ms": sink_ms,
             "peak_memory_gb": peak_memory_gb(device), **busy_summary(clock.intervals_ms())}

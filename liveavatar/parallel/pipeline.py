@@ -13,11 +13,12 @@ A stream runs three threads on this rank:
 * the feeder takes each block's audio features from the audio source, in block order (a live source makes
   it wait for the speech), and sends them to every denoising rank up to LOOKAHEAD blocks ahead of need;
   the first block of clip 1 also carries the rolling sink frame, the first latent frame of block 0;
-* the stage thread receives each block's latents from the previous rank, runs this rank's own share of the
-  steps (when it also denoises), and enqueues the decode and the copy of the frames to the host right behind them, on
-  the same CUDA stream: steps and decode share the GPU back to back rather than concurrently (concurrent
-  they contend and the pair gets slower), and the block's frames are never queued behind the next block's
-  steps; the thread goes on with the next block without waiting for the GPU;
+* the stage thread first sets up this rank's caches (when it also denoises) and warms the decoder up, while
+  the other ranks already denoise the first block; then it receives each block's latents from the previous
+  rank, runs this rank's own share of the steps, and enqueues the decode and the copy of the frames to the
+  host right behind them, on the same CUDA stream: steps and decode share the GPU back to back rather than
+  concurrently (concurrent they contend and the pair gets slower), and the block's frames are never queued
+  behind the next block's steps; the thread goes on with the next block without waiting for the GPU;
 * the caller's thread waits for each block's frames on the host and yields them, while later blocks are
   denoised and decoded.
 """
@@ -167,13 +168,13 @@ class ParallelStream:
         self._job = job
         if self.schedule.world_size > 1:
             dist.broadcast_object_list([job], src=self.rank, group=pipe.host_group)
-        parts = self.schedule.parts_of(self.rank)
+        if self._cuda:  # the stage thread's work comes after the conditioning made on the caller's stream
+            self._streams["stage"].wait_stream(torch.cuda.current_stream(device))
+        # Made on the stage thread when the blocks start (_set_up): this rank's caches and the decoder's warm-up
+        # then overlap the first block's steps on the other ranks instead of delaying them.
         self._part = None
-        if parts:  # they run on the stage thread, beside the feeder and the caller: no CUDA graphs
-            self._part = pipe.transformer.stream_part(cond.text_context, cond.ref_latent, cond.motion_latents,
-                                                      cond.audio, settings, parts, cuda_graphs=False)
-        self._decoder = start_decoder(pipe.vae, cond.motion_latents.to(device))
-        synchronize(device)  # the stage thread's stream takes over the caches made here
+        self._decoder = None
+        self._setup_ms = 0.0
 
         self._lookahead = max(LOOKAHEAD, 2 * self.schedule.world_size)  # every rank has work queued
         self._feed_queue: queue.Queue = queue.Queue(maxsize=self._lookahead)  # this rank's own block messages
@@ -226,7 +227,7 @@ class ParallelStream:
         with self._on(self._streams.get("stage")):  # the caller's thread may have another current device
             self._stage_clock = BusyClock(self.pipe.vae.device)
             self._decode_clock = BusyClock(self.pipe.vae.device, origin=self._stage_clock.origin)
-        self._running["stage"] = self.pipe.lanes["stage"].submit(self._stage)
+        self._running["stage"] = self.pipe.lanes["stage"].submit(self._stage, total)
         self._running["feed"] = self.pipe.lanes["feed"].submit(self._feed, total)
 
     def _take(self) -> tuple | None:
@@ -253,7 +254,8 @@ class ParallelStream:
             if self._failure is not None:  # the other ranks may be anywhere in the job: nothing more is sent
                 self.pipe.broken = f"{type(self._failure).__name__}: {self._failure}"
                 return
-            own = {"rank": self.rank, "role": self.schedule.describe(self.rank), "sink_refill_ms": self._sink_ms}
+            own = {"rank": self.rank, "role": self.schedule.describe(self.rank), "setup_ms": self._setup_ms,
+                   "sink_refill_ms": self._sink_ms}
             stage, decode = self._stage_clock.intervals_ms(), self._decode_clock.intervals_ms()
             own.update(busy_summary(stage + decode, blocks=len(decode)))  # the device's time: steps and decode
             own["denoise_ms"] = busy_summary(stage)["stage_ms"]
@@ -325,9 +327,11 @@ class ParallelStream:
 
     # ------------------------------------------------------------------ the stage thread: latents
     @torch.no_grad()
-    def _stage(self) -> None:
+    def _stage(self, total: int) -> None:
         try:
             with self._on(self._streams.get("stage")):
+                if total:
+                    self._set_up()
                 dim = None if self._part is None else self._part.dit.config.dim
                 receive = receiver_of(self.schedule, self.rank, self._job, dim, self.pipe.vae.device, self.pipe.job_group)
                 self._sink_ms = run_blocks(self._part, self._feed_queue.get, receive, self._deliver, self._stage_clock)
@@ -341,6 +345,20 @@ class ParallelStream:
             self._failure = self._failure or e
             return
         self._put_decoded(None)  # the end: the caller stops here if the feeder stopped early
+
+    def _set_up(self) -> None:
+        """This rank's share of the stream (its caches, when it also denoises) and the decoder, warmed up on the
+        motion latents. On the stage thread: its steps run there beside the feeder and the caller, so without
+        CUDA graphs (a capture forbids other threads' CUDA calls)."""
+        t0 = time.perf_counter()
+        cond, device = self.cond, self.pipe.vae.device
+        parts = self.schedule.parts_of(self.rank)
+        if parts:
+            self._part = self.pipe.transformer.stream_part(cond.text_context, cond.ref_latent, cond.motion_latents,
+                                                           cond.audio, self.settings, parts, cuda_graphs=False)
+        self._decoder = start_decoder(self.pipe.vae, cond.motion_latents.to(device))
+        synchronize(device)  # once per stream, so that the time is the set-up's own
+        self._setup_ms = (time.perf_counter() - t0) * 1000
 
     def _deliver(self, k: int, x: torch.Tensor, tokens: None) -> None:
         """Block k's final latents: the rolling sink frame (block 0), then the decode and the copies to the host

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from benchmarks.report import emit
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.engine.stream import StreamSettings
 from liveavatar.media.audio import load_audio
@@ -112,9 +113,7 @@ def main(argv=None) -> dict:
     vae16 = WanVAE.from_checkpoint(ckpt / "Wan2.2-S2V-14B" / "Wan2.1_VAE.pth", dtype=torch.bfloat16)
     clip = reference_latents[0][None]
     result["vae_decode_T_clip0"] = {"bf16_vs_fp32": errors(vae16.decode(clip), vae32.decode(clip))}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    emit(result, args.json)
     return result
 
 

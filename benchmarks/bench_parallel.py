@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import tempfile
 import time
@@ -45,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.random_models import SCALES, build_dit, build_vae  # noqa: E402
+from benchmarks.report import write_json  # noqa: E402
 from liveavatar.engine.audio_source import PrecomputedAudio  # noqa: E402
 from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline  # noqa: E402
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
@@ -185,10 +185,10 @@ def main(argv=None) -> None:
                     run["error"] = f"{type(e).__name__}: {e}"
                     if pipe.broken:
                         break
-                _write(args.out, report)
+                write_json(args.out, report)
         finally:
             pipe.close()
-    _write(args.out, report)
+    write_json(args.out, report)
     _print_table(report)
 
 
@@ -206,13 +206,6 @@ def measure(pipe, run: dict, size: str, with_single: bool, args, t_start: float)
     diff = (latents.double() - reference.double()).abs().max().item()
     run["single"]["latents_max_abs_diff"] = diff
     run["single"]["latents_max_rel_diff"] = diff / reference.double().abs().max().item()
-
-
-def _write(path: str, report: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _print_table(report: dict) -> None:

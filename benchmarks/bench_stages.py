@@ -8,7 +8,6 @@ its 12 frames on the host with nothing else running.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from benchmarks.random_models import SCALES, build_vae
+from benchmarks.report import write_json
 from liveavatar.media import image as image_io
 
 
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     except ImportError as e:
         report["mux"] = {"error": str(e)}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        write_json(args.json, report)
     d = report["decode"]
     print(f"decode of a block: {d['ms']:.1f} ms" + (f", +{d['peak_extra_gib']:.2f} GiB" if "peak_extra_gib" in d else ""))
     print(f"mux of 12 frames alone: {report['mux'].get('ms', float('nan')):.1f} ms")

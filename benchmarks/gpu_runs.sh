@@ -23,8 +23,9 @@ for name in "$@"; do
     bf16) bench bf16 150 --blocks 12 --steady_from 6 ;;
     bf16_compiled) bench bf16_compiled 140 --compile --profile --blocks 16 --steady_from 9 ;;
     fp8_compiled) bench fp8_compiled 150 --compile --fp8 --profile --blocks 16 --steady_from 9 ;;
-    offload24) bench offload24 400 --offload --kv_fp8 --memory_gb 24 --blocks 4 --steady_from 2 ;;
-    offload24_fp8) bench offload24_fp8 400 --offload --fp8 --kv_fp8 --memory_gb 24 --blocks 4 --steady_from 2 ;;
+    # Blocks 0-3 stream every transformer block; before block 4 those that fit stay on the GPU.
+    offload24) bench offload24 500 --offload --kv_fp8 --memory_gb 24 --blocks 10 --steady_from 6 ;;
+    offload24_fp8) bench offload24_fp8 500 --offload --fp8 --kv_fp8 --memory_gb 24 --blocks 10 --steady_from 6 ;;
     stages) run stages 120 python3 -m benchmarks.bench_stages --json "$OUT/stages.json" ;;
     fp8_48) bench fp8_48 100 --compile --fp8 --kv_fp8 --memory_gb 48 --blocks 10 --steady_from 7 ;;
     load) run load 150 python3 -m benchmarks.load_time --json "$OUT/load.json" ;;

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.random_models import SCALES
+from benchmarks.report import emit
 from liveavatar.models.dit import S2VTransformer
 from liveavatar.weights.lora import target_modules
 
@@ -108,9 +109,7 @@ def main(argv=None) -> dict:
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(wan), str(lora), args.device],
                          capture_output=True, text=True, check=True)
     result.update(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    emit(result, args.json)
     return result
 
 

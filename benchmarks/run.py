@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
 import os
 import sys
@@ -43,6 +42,7 @@ from PIL import Image  # noqa: E402
 
 from benchmarks.flops import block_decode_flops, block_step_flops  # noqa: E402
 from benchmarks.random_models import SCALES, build_pipeline, num_parameters  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 from liveavatar.engine.audio_source import audio_source_for  # noqa: E402
 from liveavatar.engine.job import OutputThread  # noqa: E402
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
@@ -149,15 +149,15 @@ def main(argv=None) -> dict:
         # Each retry or device free is a device-wide synchronisation inside the loop.
         result["allocator"] = {k: stats.get(k) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")}
     result["attention_backend_ms"] = pipe.attention_backend_ms
+    if pipe.dit.block_streamer is not None:  # --offload: blocks kept on the GPU after the first clip
+        result["resident_blocks"] = pipe.dit.block_streamer.resident_count
     if args.compile:
         from torch._dynamo.utils import counters
 
         result["compile"] = {"graphs": counters["stats"].get("unique_graphs", 0),
                              "graph_breaks": dict(counters["graph_break"]), "fallbacks": dict(counters["frames"])}
     result["floor"] = floor(scale, cond, result["environment"], args.fp8, settings)
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    emit(result, args.json)
     return result
 
 

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -126,6 +127,75 @@ def test_streamed_blocks_and_rings_match_resident_ones(pipe):
     assert torch.equal(_stream_velocities(pipe.dit, host.rings), reference)
     with pytest.raises(RuntimeError, match="out of order"):
         host.rings[0].write(5, 0, *torch.zeros(2, 1, 3 * TOKENS_PER_FRAME, c.num_heads, c.head_dim))
+
+
+def test_blocks_kept_resident_give_the_same_velocities_and_are_spread_over_the_depth(pipe):
+    """What the low-memory mode does once a stream shows memory to spare: some blocks stay on the device, the
+    others keep cycling through the two buffers, and the numbers do not change, also when the split changes
+    between two block steps."""
+    reference = _stream_velocities(pipe.dit)
+    streamed = copy.deepcopy(pipe.dit)
+    streamer = offload.stream_blocks(streamed, "cpu")
+    n = streamer.num_blocks  # 8
+    for asked, kept, streamed_blocks in [(3, 2, [0, 1, 2, 4, 5, 6]), (5, 4, [0, 2, 4, 6]), (6, 6, [0, 4]),
+                                         (8, 8, []), (0, 0, list(range(n)))]:
+        assert streamer.keep_resident(asked) == kept and streamer.resident_count == kept
+        assert streamer.streamed == streamed_blocks
+        assert torch.equal(_stream_velocities(streamed), reference)
+
+    def velocities_switching_split() -> torch.Tensor:  # _stream_velocities with the split changed after each step
+        gen = torch.Generator().manual_seed(1)
+        text_kv = streamed.text_kv(torch.randn(1, 5, 4096, generator=gen))
+        sink = streamed.prefill_sink(torch.randn(1, 16, 1, H, W, generator=gen),
+                                     torch.randn(1, 16, 19, H, W, generator=gen), text_kv)
+        c = streamed.config
+        ring = RingCache(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", streamed.dtype)
+        out = []
+        for k, count in enumerate([0, 2, 8, 4, 0, 6]):
+            streamer.keep_resident(count)
+            x, audio = _inputs(10 + k)
+            out.append(streamed.forward_block(x, 700.0, audio, text_kv, sink, ring, start_frame=3 * k, ref_roll=4 + k))
+        return torch.stack(out)
+
+    assert torch.equal(velocities_switching_split(), reference)
+
+
+def test_resident_blocks_fit_the_memory_left_after_the_first_clip():
+    gib = 2**30
+    # 24 GiB allowed, 9 GiB allocated after a clip whose peak was 11.2 GiB, 0.41 GB FP8 blocks, 1 GiB margin.
+    block = int(0.41e9)
+    assert offload.resident_blocks_that_fit(0, block, 9 * gib, int(11.2 * gib), 15 * gib) == \
+        (15 * gib - int(2.2 * gib) - gib) // block
+    assert offload.resident_blocks_that_fit(10, block, 9 * gib, 9 * gib, 2 * gib) == 12  # the room for 2 more
+    # 1 GiB short (2.6 blocks): 3 go back.
+    assert offload.resident_blocks_that_fit(10, block, 20 * gib, 23 * gib, 3 * gib) == 7
+    assert offload.resident_blocks_that_fit(1, block, 20 * gib, 30 * gib, 0) == 0
+
+
+def test_offloaded_stream_fits_its_blocks_after_one_clip_and_prepare_takes_them_back(pipe, monkeypatch):
+    from liveavatar.engine import stream as stream_module
+    from liveavatar.engine.pipeline import LiveAvatarPipeline
+
+    dit = copy.deepcopy(pipe.dit)
+    streamer = offload.stream_blocks(dit, "cpu")
+    low_memory = LiveAvatarPipeline(dit, pipe.vae, pipe.text_encoder, pipe.audio_encoder, offload_kv=True)
+    denoised, fitted = [], []
+    monkeypatch.setattr(stream_module, "fit_resident_blocks",
+                        lambda s: fitted.append(len(denoised)) or s.keep_resident(4))
+    real_denoise = stream_module.AvatarStream._denoise
+    monkeypatch.setattr(stream_module.AvatarStream, "_denoise",
+                        lambda self, k, clock: denoised.append(k) or real_denoise(self, k, clock))
+    with tempfile.TemporaryDirectory() as folder:
+        image = Path(folder) / "face.png"
+        Image.new("RGB", (64, 64), (200, 150, 120)).save(image)
+        cond = low_memory.prepare(image, np.zeros(16000 * 4, np.float32), "talking", size="64*64")
+        blocks = list(low_memory.stream(cond, StreamSettings(seed=3)).blocks(2))
+        assert fitted == [5]  # once, before block 4 (the first of clip 1): blocks 0-3 ran with every block streamed
+        assert streamer.resident_count == 4
+        reference = list(pipe.stream(cond, StreamSettings(seed=3)).blocks(2))
+        assert all(torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames) for a, b in zip(blocks, reference))
+        low_memory.prepare(image, np.zeros(16000, np.float32), "talking", size="64*64")
+        assert streamer.resident_count == 0
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,

@@ -307,6 +307,8 @@ def run_job(
     settings = StreamSettings(frames_per_clip=spec.infer_frames, sample_steps=spec.sample_steps, seed=spec.seed,
                               fps=spec.fps, rolling_sink=spec.rolling_sink)
     cond = pipe.prepare(spec.image, wave, spec.prompt, spec.size, fps=spec.fps, frames_per_clip=spec.infer_frames)
+    cuda = pipe.device.type == "cuda"
+    prepare_peak = torch.cuda.max_memory_allocated() if cuda else 0  # a stream may reset the peak (offload mode)
     num_clips = cond.num_clips if spec.num_clip is None else min(spec.num_clip, cond.num_clips)
     log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d)", cond.width, cond.height, num_clips,
              spec.infer_frames, cond.num_clips)
@@ -408,7 +410,7 @@ def run_job(
         output=result_path, frames=generated, clips=num_clips, height=cond.height, width=cond.width, seconds=seconds,
         first_frame_s=first_frame_s or 0.0, fps=(generated if not resumed_from else blocks_run * settings.video_frames_per_block) / loop_s,
         resumed_from_block=resumed_from, stage_ms={k: v / max(1, blocks_run) for k, v in stage_ms.items()},
-        peak_gpu_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if pipe.device.type == "cuda" else None,
+        peak_gpu_memory_gb=max(prepare_peak, torch.cuda.max_memory_allocated()) / 2**30 if cuda else None,
         peak_host_memory_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is in KiB
     )
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}

@@ -156,6 +156,8 @@ class LiveAvatarPipeline:
         frames_per_clip: int = 48,
     ) -> Conditioning:
         """Loads and sizes the image, encodes it, the prompt and the speech (16 kHz mono float32)."""
+        if self.dit is not None and self.dit.block_streamer is not None:
+            self.dit.block_streamer.keep_resident(0)  # the encoders need the memory that resident blocks took
         img = image_io.load_image(image)
         height, width = image_io.output_size(img.height, img.width, image_io.parse_size(size))
         pixels = image_io.prepare_reference(img, height, width)

@@ -26,7 +26,7 @@ from liveavatar.engine import scheduler
 from liveavatar.models.dit import S2VTransformer
 from liveavatar.models.fastpath import StepGraphs
 from liveavatar.models.kv_cache import RingCache, SinkCache
-from liveavatar.models.offload import HostRings
+from liveavatar.models.offload import HostRings, fit_resident_blocks
 from liveavatar.models.vae import StreamingDecoder, WanVAE
 
 FRAMES_PER_LATENT = 4
@@ -151,6 +151,9 @@ class AvatarStream:
         decoder. Such a stream is driven through its pieces (noise_for_block, denoise_part, replace_sink), not
         blocks()."""
         self.dit, self.vae, self.audio, self.settings = dit, vae, audio, settings
+        if dit.block_streamer is not None and dit.device.type == "cuda":
+            # The stream's own peak over its first clip decides how many blocks stay on the GPU (_denoise).
+            torch.cuda.reset_peak_memory_stats(dit.device)
         cfg = dit.config
         if parts is None:
             parts = [StepPart(step, range(cfg.num_layers)) for step in range(settings.sample_steps)]
@@ -187,6 +190,7 @@ class AvatarStream:
         self.next_block = 0  # the next block `blocks()` yields
         self.frames_emitted = 0
         self._noise: tuple[int, torch.Tensor] | None = None
+        self._denoised = 0  # blocks this object has denoised
 
     # ------------------------------------------------------------------ pieces (also used by parallel ranks)
     def noise_for_block(self, k: int) -> torch.Tensor:
@@ -265,6 +269,10 @@ class AvatarStream:
         """Enqueues all denoising steps of block k (and the sink replacement due before it); returns its latents."""
         s = self.settings
         device = self.dit.device
+        if self._denoised == s.blocks_per_clip and self.dit.block_streamer is not None:
+            # A whole clip has run (every stage at full size): the blocks that fit in what is left stay on the GPU.
+            fit_resident_blocks(self.dit.block_streamer)
+        self._denoised += 1
         if s.rolling_sink and k == s.blocks_per_clip and not self.sink_replaced:
             with clock.stage("sink_prefill"):
                 self.replace_sink(self._first_latent)

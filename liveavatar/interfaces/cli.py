@@ -116,9 +116,10 @@ def _add_model_args(parser, gpus_note: str = "") -> None:
     _add(parser, "dtype", default=None, choices=["bfloat16", "float16", "float32"],
          help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     _add(parser, "offload_model", type=_bool, nargs="?", const=True, default=False,
-         help="low-memory mode for 24-48 GB GPUs (about 12 GiB used at 704*384): the transformer's blocks and its FP8 key/value caches stay in "
-              "pinned host memory and stream to the GPU layer by layer (True/False); the text and audio encoders "
-              "leave the GPU after use either way")
+         help="low-memory mode for 16-48 GB GPUs (about 12 GiB needed at 704*384): the transformer's blocks and its FP8 "
+              "key/value caches stay in pinned host memory and stream to the GPU layer by layer, except the blocks "
+              "that fit in the GPU memory left after the first clip (True/False); the text and audio encoders leave "
+              "the GPU after use either way")
     _add(parser, "fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer (GPUs with FP8 "
          "tensor cores: Ada, Hopper)")
     _add(parser, "gpus", type=int, default=1, help="GPUs to pipeline each block's work over: the denoising steps' "

@@ -3,8 +3,9 @@ the GPU just ahead of their use, on a copy stream, so the copies overlap the com
 
 GPU memory then holds, of the 16.3 B-parameter transformer, only its small non-block parts and two block
 buffers (2 x 0.82 GB in bf16, 2 x 0.41 GB in FP8), and of the four rings (41.5 GB in bf16 at 704x384) two
-layer buffers. Every step reads all blocks and its ring once over PCIe, so the speed is bounded by the
-host-to-device bandwidth: docs/benchmarks.md has the numbers.
+layer buffers. Every step reads its streamed blocks and its ring once over PCIe, so the speed is bounded by
+the host-to-device bandwidth: docs/benchmarks.md has the numbers. Where the GPU has memory to spare once a
+stream runs, blocks stay there (`fit_resident_blocks`), spread over the depth, and only the others move.
 
 Both streamers rely on the order in which the model uses its pieces, which the streaming forward fixes:
 blocks 0..L-1 in every forward (`S2VTransformer.layers`), and the rings layer by layer, step after step.
@@ -12,10 +13,14 @@ blocks 0..L-1 in every forward (`S2VTransformer.layers`), and the rings layer by
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from liveavatar.models.kv_cache import RingCache
+
+log = logging.getLogger(__name__)
 
 _ALIGN = 256  # bytes; keeps every tensor view aligned for vectorised kernels
 
@@ -69,20 +74,23 @@ class _Slots:
 
 
 class BlockStreamer:
-    """Keeps the transformer blocks in pinned host memory; block i runs from device buffer i % slots.
+    """Keeps the transformer blocks in pinned host memory and runs them from device buffers: a streamed block
+    from buffer j % slots (j: its place among the streamed blocks), a resident one (`keep_resident`) from a
+    device copy of its own.
 
     Each block's parameters are views into its buffer, so the module code runs unchanged on whatever was
-    copied there last. `before(i)` (called by `S2VTransformer.layers`) waits for block i and starts the copy
-    of block i - 1 + slots into the buffer that block i - 1 has just finished with.
+    copied there last. `before(i)` (called by `S2VTransformer.layers`) waits for streamed block i and starts
+    the copy of the streamed block `slots` places after the previous streamed one into the buffer that one
+    has just finished with.
     """
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device, slots: int = 2):
         device = torch.device(device)
         if len(blocks) % slots:
             raise ValueError(f"{len(blocks)} blocks do not cycle evenly through {slots} buffers")
-        self.num_blocks, self.slots = len(blocks), slots
+        self.device, self.num_blocks, self.slots = device, len(blocks), slots
         self.host: list[torch.Tensor] = []
-        layouts = []
+        self._layouts = []
         for block in blocks:  # one block at a time, so host memory never holds a second copy of the model
             entries, offset = [], 0
             for owner, name, is_param in _tensors(block):
@@ -95,27 +103,107 @@ class BlockStreamer:
                 host[start : start + nbytes].view(dtype).view(shape).copy_(getattr(owner, name).detach())
                 setattr(owner, name, None) if not is_param else owner._parameters.__setitem__(name, None)
             self.host.append(host)
-            layouts.append(entries)
-        self.buffers = _Slots(max(h.numel() for h in self.host), slots, device)
-        for i, entries in enumerate(layouts):
-            buffer = self.buffers.buffers[i % slots]
+            self._layouts.append(entries)
+        self.buffers = _Slots(self.block_bytes, slots, device)
+        self._resident: list[torch.Tensor | None] = [None] * self.num_blocks  # device copies of resident blocks
+        self._bind(list(range(self.num_blocks)))
+
+    @property
+    def block_bytes(self) -> int:
+        """Device memory one block takes (the largest, with alignment)."""
+        return max(h.numel() for h in self.host)
+
+    @property
+    def resident_count(self) -> int:
+        return self.num_blocks - len(self.streamed)
+
+    def _bind(self, streamed: list[int]) -> None:
+        """Points every block's tensors at its storage (its buffer, or its resident copy) and loads the first
+        buffers."""
+        self.streamed = streamed
+        self._place = {block: j for j, block in enumerate(streamed)}
+        for i, entries in enumerate(self._layouts):
+            j = self._place.get(i)
+            storage = self._resident[i] if j is None else self.buffers.buffers[j % self.slots]
             for owner, name, is_param, shape, dtype, start, nbytes in entries:
-                view = buffer[start : start + nbytes].view(dtype).view(shape)
+                view = storage[start : start + nbytes].view(dtype).view(shape)
                 if is_param:
                     owner._parameters[name] = nn.Parameter(view, requires_grad=False)
                 else:
                     owner._buffers[name] = view
-        for i in range(slots):
-            self.buffers.fill(i, self.host[i])
+        for j in range(min(self.slots, len(streamed))):
+            self.buffers.fill(j, self.host[streamed[j]])
+
+    def keep_resident(self, count: int) -> int:
+        """Keeps about `count` blocks on the device for good and streams the others, spread evenly over the depth
+        so that each copy overlaps the compute of the blocks between two streamed ones. The count is lowered
+        where needed for the streamed blocks to cycle evenly through the buffers; if the device runs out of
+        memory meanwhile, the blocks stay as they were. Waits for the device (call it between forwards).
+        Returns the number of resident blocks."""
+        n, slots = self.num_blocks, self.slots
+        streaming = min(n, -(-(n - max(0, min(n, count))) // slots) * slots)
+        streamed = [j * n // streaming for j in range(streaming)]
+        if streamed == self.streamed:
+            return self.resident_count
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # nothing may still read the storage that is rebound
+        try:
+            copies = {i: self.host[i].to(self.device) if self._resident[i] is None else self._resident[i]
+                      for i in range(n) if i not in streamed}
+        except torch.OutOfMemoryError:
+            log.warning("no GPU memory for %d resident transformer blocks; %d stay", n - streaming, self.resident_count)
+            return self.resident_count
+        self._resident = [copies.get(i) for i in range(n)]
+        self._bind(streamed)
+        return self.resident_count
 
     def before(self, i: int) -> None:
-        self.buffers.wait(i % self.slots)
-        done = (i - 1) % self.num_blocks  # the block that just ran; its buffer takes the block `slots` later
-        self.buffers.fill(done % self.slots, self.host[(done + self.slots) % self.num_blocks])
+        j = self._place.get(i)
+        if j is None:  # resident
+            return
+        m = len(self.streamed)
+        self.buffers.wait(j % self.slots)
+        if m > self.slots:
+            done = (j - 1) % m  # the streamed block that ran last; its buffer takes the one `slots` places later
+            self.buffers.fill(done % self.slots, self.host[self.streamed[(done + self.slots) % m]])
 
     @property
     def host_bytes(self) -> int:
         return sum(h.numel() for h in self.host)
+
+
+# Left free when blocks are made resident: allocator fragmentation, and work memory the first clip did not show.
+MEMORY_MARGIN = 1 << 30
+
+
+def resident_blocks_that_fit(resident: int, block_bytes: int, allocated: int, peak: int, available: int,
+                             margin: int = MEMORY_MARGIN) -> int:
+    """How many blocks may be resident: those that are now, plus as many more as fit in `available` (what the
+    process may still allocate beyond `allocated`) once the work memory above the steady allocation that the
+    stream needed so far (peak - allocated) and a margin are set aside; fewer if even that does not fit."""
+    room = available - max(0, peak - allocated) - margin
+    return max(0, resident + room // block_bytes)
+
+
+def fit_resident_blocks(streamer: BlockStreamer) -> int:
+    """On a GPU, once a stream has run a whole clip since the peak was reset (every stage at its full size): keeps
+    as many blocks resident as the memory left allows, within the process's memory fraction. Returns the count."""
+    device = streamer.device
+    if device.type != "cuda":
+        return streamer.resident_count
+    torch.cuda.synchronize(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.6
+    cap = int(fraction * total)
+    # The device's free memory plus what the allocator holds unused, within the fraction the process may use.
+    available = min(cap - allocated, free + torch.cuda.memory_reserved(device) - allocated)
+    count = resident_blocks_that_fit(streamer.resident_count, streamer.block_bytes, allocated,
+                                     torch.cuda.max_memory_allocated(device), available)
+    kept = streamer.keep_resident(count)
+    log.info("%d of %d transformer blocks stay on the GPU (%.1f GiB), %d are streamed", kept, streamer.num_blocks,
+             kept * streamer.block_bytes / 2**30, streamer.num_blocks - kept)
+    return kept
 
 
 def stream_blocks(dit: nn.Module, device: torch.device, slots: int = 2) -> BlockStreamer:

@@ -46,3 +46,22 @@ def test_full_size_step_is_121_tflop_at_704x384(scale):
     flops = block_step_flops(scale.dit, 48, 88)
     assert flops["attention"] / 1e12 == pytest.approx(41.07, abs=0.01)
     assert flops["linear"] / 1e12 == pytest.approx(79.75, abs=0.01)
+
+
+def test_parallel_benchmark_runs_on_cpu_ranks_with_either_cut(tmp_path):
+    """What the device session runs on GPUs (benchmarks.bench_parallel), here on two CPU processes: both cuts of
+    the layers, the rank reports and the check against one process."""
+    from benchmarks import bench_parallel
+
+    out = tmp_path / "parallel.json"
+    bench_parallel.main(["--scale", "tiny", "--device", "cpu", "--gpus", "2", "--configs", "fp32", "--sizes", "64*64",
+                         "--clips", "2", "--decode_costs", "0", "0.75", "--out", str(out)])
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert [(r["config"], r["decode_cost"]) for r in runs] == [("fp32", 0.0), ("fp32", 0.75)]
+    assert [r["role"] for r in runs[0]["ranks"]] == ["steps 0-1", "steps 2-3 + decode"]
+    assert [r["role"] for r in runs[1]["ranks"]] == ["steps 0-1 + step 2 layers 0-2", "step 2 layers 3-7 + step 3 + decode"]
+    for r in runs:
+        assert r["pipeline"]["frames"] == 2 * 48 - 3 and r["pipeline"]["fps"] > 0
+        assert r["single"]["latents_max_abs_diff"] == 0.0  # one thread per rank: the same numbers as one process
+        assert all(rank["blocks"] == 8 and rank["stage_ms"] > 0 for rank in r["ranks"])

@@ -276,3 +276,16 @@ def test_attention_is_timed_once_per_shape_and_the_fastest_is_used(pipe, monkeyp
     assert timed == [(48, 192, 40), (192, 768, 160)], "each shape timed once"
     assert times == {"CUDNN_ATTENTION": 2.0, "FLASH_ATTENTION by parts": 1.0}
     assert dit.self_attention.func is fastpath._attention_by_parts and dit.self_attention.args == ("FLASH_ATTENTION",)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_decoder_matches_eager(pipe):
+    """The decoder's compiled elementwise work (one kernel family for every stage and frame count) gives the
+    eager frames: the stream's first latent, then blocks of 3."""
+    compiled = copy.deepcopy(pipe.vae)
+    fastpath.compile_decoder(compiled)
+    latents = torch.randn(1, 16, 7, H, W, generator=torch.Generator().manual_seed(4))
+    eager, fast = pipe.vae.streaming_decoder(), compiled.streaming_decoder()
+    for part in (latents[:, :, :1], latents[:, :, 1:4], latents[:, :, 4:]):
+        torch.testing.assert_close(fast.decode(part), eager.decode(part), rtol=1e-5, atol=1e-5)

@@ -120,6 +120,7 @@ class LiveAvatarPipeline:
             stream_blocks(dit, device)
         if fast:
             fastpath.compile_transformer(dit)
+            fastpath.compile_decoder(vae)
             # The VAE's convolutions have fixed shapes per resolution: let cuDNN time its algorithms once.
             torch.backends.cudnn.benchmark = True
         if offload_encoders:

@@ -1,4 +1,5 @@
-"""The GPU fast path of the transformer: regional compilation and the fastest attention kernel.
+"""The GPU fast path of the transformer (regional compilation and the fastest attention kernel) and of the VAE
+decoder (its elementwise work compiled, `compile_decoder`).
 
 * Regional torch.compile: the code between two attentions (modulated LayerNorm, q/k/v projections and norms;
   output projection, gated residuals, text cross-attention, FFN; the audio injection; RoPE) is compiled once
@@ -20,9 +21,11 @@ import logging
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from liveavatar.models import rope
+from liveavatar.models import vae as vae_module
 from liveavatar.models.audio_modules import AudioInjector
 from liveavatar.models.dit import S2VTransformer
 from liveavatar.models.layers import TransformerBlock, merge_attention_parts, two_part_attention
@@ -44,6 +47,32 @@ def compile_transformer(dit: S2VTransformer) -> None:
     dit.audio_injector.inject = _compile(AudioInjector.inject)
     dit.rotate = _compile(rope.apply_rope)
     dit.attention_timings = {}  # (query, ring, sink tokens) -> ms per attention candidate (use_fastest_attention)
+
+
+def compile_decoder(vae: vae_module.WanVAE) -> None:
+    """Swaps the VAE decoder's elementwise work for compiled versions, in place: the RMSNorm + SiLU before each
+    causal conv and the 2x nearest upsampling, each one pass over the activations instead of several eager
+    kernels (the norm's reduction, its division and scaling, the SiLU). The convolutions stay cuDNN's. The
+    decoder's stages differ in channels, sizes and frames (1 for the stream's first latent, then 2 or 4), so
+    the kernels take dynamic shapes: two compilations each (one frame, several) instead of one per shape."""
+    kernel = torch.compile(_rms_norm_silu, dynamic=True)
+
+    def norm_silu(norm: vae_module.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        return kernel(x, norm.gamma.view(-1))  # a view: parameters would be compiled with static shapes
+
+    upsample_2x = torch.compile(vae_module.upsample_2x, dynamic=True)
+    vae.decoder.norm_silu = norm_silu
+    for module in vae.decoder.modules():
+        if isinstance(module, vae_module.ResidualBlock):
+            module.norm_silu = norm_silu
+        elif isinstance(module, vae_module.Upsample):
+            module.upsample_2x = upsample_2x
+
+
+def _rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """vae.norm_silu of an RMSNorm with weights gamma [C], on a [B, C, T, H, W] video."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+    return F.silu(x / norm * (gamma.view(-1, 1, 1, 1) * x.shape[1] ** 0.5))
 
 
 SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)

@@ -107,6 +107,17 @@ class RMSNorm(nn.Module):
         return (x / norm).mul_(gain)
 
 
+def norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(norm(x)), what comes before every causal conv of the residual blocks and the decoder's head: one
+    function, so that liveavatar.models.fastpath can compile it into a single pass over the activations."""
+    return F.silu(norm(x), inplace=True)
+
+
+def upsample_2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-exact doubling of H and W of a [B, C, T, H, W] video (a hook for the fast path, as norm_silu)."""
+    return F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -116,11 +127,12 @@ class ResidualBlock(nn.Module):
             RMSNorm(out_dim, 3), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3),
         )
         self.shortcut = Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+        self.norm_silu = norm_silu
 
     def forward(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = conv1(F.silu(norm1(x), inplace=True), cache)
-        h = conv2(F.silu(norm2(h), inplace=True), cache)
+        h = conv1(self.norm_silu(norm1, x), cache)
+        h = conv2(self.norm_silu(norm2, h), cache)
         return h.add_(self.shortcut(x))
 
 
@@ -170,16 +182,15 @@ class Upsample(nn.Module):
 
     def __init__(self, dim: int, temporal: bool):
         super().__init__()
-        self.resample = nn.Sequential(
-            nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact"),
-            FrameConv2d(dim, dim // 2, 3, padding=1),
-        )
+        # The checkpoint's Sequential: the upsampling (no weights, see upsample_2x), then resample.1, the conv.
+        self.resample = nn.Sequential(nn.Identity(), FrameConv2d(dim, dim // 2, 3, padding=1))
+        self.upsample_2x = upsample_2x
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1)) if temporal else None
 
     def forward(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         if self.time_conv is not None:
             x = self._double_frames(x, cache)
-        return self.resample(x)
+        return self.resample[1](self.upsample_2x(x))
 
     def _double_frames(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         if self.time_conv not in cache:
@@ -240,6 +251,7 @@ class Decoder(nn.Module):
                 in_dim = out_dim // 2
         self.upsamples = nn.Sequential(*blocks)
         self.head = nn.Sequential(RMSNorm(dims[-1], 3), nn.SiLU(), CausalConv3d(dims[-1], 3, 3))
+        self.norm_silu = norm_silu
 
     def forward(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         x = self.conv1(x.contiguous(memory_format=torch.channels_last_3d), cache)
@@ -248,7 +260,7 @@ class Decoder(nn.Module):
         for block in self.upsamples:
             x = block(x, cache)
         norm, _, conv = self.head
-        return conv(F.silu(norm(x), inplace=True), cache)
+        return conv(self.norm_silu(norm, x), cache)
 
 
 class WanVAE(nn.Module):

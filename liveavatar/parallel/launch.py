@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from liveavatar.errors import LiveAvatarError
+from liveavatar.models import fastpath
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.dit import S2VConfig, S2VTransformer
 from liveavatar.models.text_encoder import TextEncoder
@@ -126,6 +127,7 @@ def start_pipeline(
         transformer = RankTransformer(models.load_dit(device), options) if schedule.parts_of(rank) else None
         vae = models.load_vae(device)
         if options.fast:  # as LiveAvatarPipeline.assemble: the VAE's convolutions have fixed shapes per resolution
+            fastpath.compile_decoder(vae)
             torch.backends.cudnn.benchmark = True
         text, audio = models.load_encoders(device)
         if offload_encoders:

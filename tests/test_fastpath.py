@@ -197,6 +197,21 @@ def test_offloaded_stream_fits_its_blocks_after_one_clip_and_prepare_takes_them_
         low_memory.prepare(image, np.zeros(16000, np.float32), "talking", size="64*64")
         assert streamer.resident_count == 0
 
+        # A block whose steps run out of memory with blocks kept resident streams them all again and goes on.
+        real_step = stream_module.AvatarStream.denoise_step
+        failures = []
+
+        def step_short_of_memory(self, k, step, x, audio):
+            if k == 6 and step == 2 and not failures:
+                failures.append(streamer.resident_count)
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real_step(self, k, step, x, audio)
+
+        monkeypatch.setattr(stream_module.AvatarStream, "denoise_step", step_short_of_memory)
+        retried = list(low_memory.stream(cond, StreamSettings(seed=3)).blocks(2))
+        assert failures == [4] and streamer.resident_count == 0
+        assert all(torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames) for a, b in zip(retried, reference))
+
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
                     reason="torch.compile on the CPU needs a C++ compiler")

@@ -15,6 +15,7 @@ the sink is prefilled again; nothing else about the sink ever changes, and nothi
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from liveavatar.models.fastpath import StepGraphs
 from liveavatar.models.kv_cache import RingCache, SinkCache
 from liveavatar.models.offload import HostRings, fit_resident_blocks
 from liveavatar.models.vae import StreamingDecoder, WanVAE
+
+log = logging.getLogger(__name__)
 
 FRAMES_PER_LATENT = 4
 DROPPED_FIRST_FRAMES = 3  # the first video frames of the stream are dropped (they follow the static warm-up)
@@ -168,9 +171,11 @@ class AvatarStream:
         self.text_kv = dit.text_kv(text_context.to(device)[None])
         ring_tokens = settings.latent_frames_per_clip * self.tokens_per_frame
         ring_shape = (1, ring_tokens, cfg.num_heads, cfg.head_dim)
+        self._host_rings = None
         if offload_kv:
-            self.rings = HostRings(settings.sample_steps, cfg.num_layers, *ring_shape, device, kv_dtype or dit.dtype,
-                                   dit.dtype).rings
+            self._host_rings = HostRings(settings.sample_steps, cfg.num_layers, *ring_shape, device,
+                                         kv_dtype or dit.dtype, dit.dtype)
+            self.rings = self._host_rings.rings
         else:
             self.rings: list[RingCache | None] = [None] * settings.sample_steps  # per step: its layers' ring, if any
             for part in parts:
@@ -275,16 +280,41 @@ class AvatarStream:
         self._denoised += 1
         if s.rolling_sink and k == s.blocks_per_clip and not self.sink_replaced:
             with clock.stage("sink_prefill"):
-                self.replace_sink(self._first_latent)
+                self._streaming_all_blocks_on_oom(lambda: self.replace_sink(self._first_latent))
         with clock.stage("audio"):
             audio = _to_device(self.audio.block(k, s.video_frames_per_block), device)
-        x = _to_device(self.noise_for_block(k), device)
-        for step in range(s.sample_steps):
-            with clock.stage(f"step{step}"):
-                x = self.denoise_step(k, step, x, audio)
+        noise = _to_device(self.noise_for_block(k), device)
+
+        def steps() -> torch.Tensor:
+            x = noise
+            for step in range(s.sample_steps):
+                with clock.stage(f"step{step}"):
+                    x = self.denoise_step(k, step, x, audio)
+            return x
+
+        x = self._streaming_all_blocks_on_oom(steps)
         if k == 0:
             self._first_latent = x[None, :, :1].clone()
         return x
+
+    def _streaming_all_blocks_on_oom(self, work):
+        """work(); if the GPU runs out of memory while transformer blocks are kept on it (low-memory mode, where
+        the first clip's peak may not have shown everything), every block is streamed again and work() runs once
+        more: it only rewrites the same cache slots with the same values."""
+        position = None if self._host_rings is None else self._host_rings.position
+        try:
+            return work()
+        except torch.OutOfMemoryError:
+            streamer = self.dit.block_streamer
+            if streamer is None or streamer.resident_count == 0:
+                raise
+            log.warning("out of GPU memory with %d transformer blocks kept on the GPU: streaming them all again",
+                        streamer.resident_count)
+            streamer.keep_resident(0)
+            torch.cuda.empty_cache()
+            if position is not None:
+                self._host_rings.rewind(position)
+            return work()
 
     def _start_decode(self, k: int, x: torch.Tensor, clock: "_StageClock") -> tuple:
         """Enqueues the decode of block k (on the decode stream on a GPU) and the copies of its frames and

@@ -289,6 +289,12 @@ class HostRings:
         self._fetch(self.position)
         self._fetch(self.position + 1)
 
+    def rewind(self, position: int) -> None:
+        """Goes back to an earlier place in the use order (a block's steps run again after a failure)."""
+        self.synchronize()  # the rows the failed attempt sent home are there (the retry writes the same ones)
+        self.position = position
+        self.refetch()
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()

@@ -69,8 +69,8 @@ class Schedule:
         decode = self.decode_cost * self.num_layers
         eps = 1e-9
         loads = sorted({float(m) for m in range(1, layers + 1)} | {m + decode for m in range(layers + 1)})
-        load = next(t for t in loads if t >= decode and
-                    math.floor(t - decode + eps) + (n - 1) * math.floor(t + eps) >= layers and t + eps >= 1)
+        load = next(t for t in loads
+                    if t >= decode and math.floor(t - decode + eps) + (n - 1) * math.floor(t + eps) >= layers)
         last = min(layers - (n - 1), math.floor(load - decode + eps))
         base, extra = divmod(layers - last, n - 1)
         ends = list(itertools.accumulate(base + (r < extra) for r in range(n - 1)))

@@ -210,6 +210,7 @@ def test_offloaded_stream_fits_its_blocks_after_one_clip_and_prepare_takes_them_
         monkeypatch.setattr(stream_module.AvatarStream, "denoise_step", step_short_of_memory)
         retried = list(low_memory.stream(cond, StreamSettings(seed=3)).blocks(2))
         assert failures == [4] and streamer.resident_count == 0
+        assert streamer.memory_margin == 2 * offload.MEMORY_MARGIN  # the next stream's fit leaves more room
         assert all(torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames) for a, b in zip(retried, reference))
 
 

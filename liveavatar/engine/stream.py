@@ -311,6 +311,7 @@ class AvatarStream:
             log.warning("out of GPU memory with %d transformer blocks kept on the GPU: streaming them all again",
                         streamer.resident_count)
             streamer.keep_resident(0)
+            streamer.memory_margin *= 2  # the next fit leaves more room
             torch.cuda.empty_cache()
             if position is not None:
                 self._host_rings.rewind(position)

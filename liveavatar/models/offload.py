@@ -73,6 +73,10 @@ class _Slots:
             torch.cuda.current_stream(self.device).wait_event(self.loaded[slot])
 
 
+# Left free when blocks are made resident: allocator fragmentation, and work memory the first clip did not show.
+MEMORY_MARGIN = 1 << 30
+
+
 class BlockStreamer:
     """Keeps the transformer blocks in pinned host memory and runs them from device buffers: a streamed block
     from buffer j % slots (j: its place among the streamed blocks), a resident one (`keep_resident`) from a
@@ -106,6 +110,7 @@ class BlockStreamer:
             self._layouts.append(entries)
         self.buffers = _Slots(self.block_bytes, slots, device)
         self._resident: list[torch.Tensor | None] = [None] * self.num_blocks  # device copies of resident blocks
+        self.memory_margin = MEMORY_MARGIN  # what fit_resident_blocks leaves free (doubled after running out)
         self._bind(list(range(self.num_blocks)))
 
     @property
@@ -172,10 +177,6 @@ class BlockStreamer:
         return sum(h.numel() for h in self.host)
 
 
-# Left free when blocks are made resident: allocator fragmentation, and work memory the first clip did not show.
-MEMORY_MARGIN = 1 << 30
-
-
 def resident_blocks_that_fit(resident: int, block_bytes: int, allocated: int, peak: int, available: int,
                              margin: int = MEMORY_MARGIN) -> int:
     """How many blocks may be resident: those that are now, plus as many more as fit in `available` (what the
@@ -199,7 +200,7 @@ def fit_resident_blocks(streamer: BlockStreamer) -> int:
     # The device's free memory plus what the allocator holds unused, within the fraction the process may use.
     available = min(cap - allocated, free + torch.cuda.memory_reserved(device) - allocated)
     count = resident_blocks_that_fit(streamer.resident_count, streamer.block_bytes, allocated,
-                                     torch.cuda.max_memory_allocated(device), available)
+                                     torch.cuda.max_memory_allocated(device), available, streamer.memory_margin)
     kept = streamer.keep_resident(count)
     log.info("%d of %d transformer blocks stay on the GPU (%.1f GiB), %d are streamed", kept, streamer.num_blocks,
              kept * streamer.block_bytes / 2**30, streamer.num_blocks - kept)

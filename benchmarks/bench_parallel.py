@@ -168,7 +168,8 @@ def main(argv=None) -> None:
                                   options=CONFIGS[config], cpu_threads=1 if args.device == "cpu" else None,
                                   decode_cost=decode_cost)
         except Exception as e:
-            report["runs"].append({"config": config, "decode_cost": decode_cost, "error": f"start: {type(e).__name__}: {e}"})
+            report["runs"].append({"config": config, "decode_cost": decode_cost,
+                                   "error": f"start: {type(e).__name__}: {e}"})
             continue
         start_s = time.perf_counter() - t0
         report.setdefault("device", torch.cuda.get_device_name(pipe.device) if args.device == "cuda" else "cpu")

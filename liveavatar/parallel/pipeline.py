@@ -332,7 +332,7 @@ class ParallelStream:
             with self._on(self._streams.get("stage")):
                 if total:
                     self._set_up()
-                dim = None if self._part is None else self._part.dit.config.dim
+                dim = None if self.pipe.transformer is None else self.pipe.transformer.dit.config.dim
                 receive = receiver_of(self.schedule, self.rank, self._job, dim, self.pipe.vae.device, self.pipe.job_group)
                 self._sink_ms = run_blocks(self._part, self._feed_queue.get, receive, self._deliver, self._stage_clock)
             self._running["feed"].wait()  # its last sends are done before the host group is used again

@@ -2,11 +2,12 @@
 against one process on one GPU.
 
     NCCL_NVLS_ENABLE=0 python -m benchmarks.bench_parallel --gpus 2 --configs bf16 fp8 fp8_fast --out r.json
-    NCCL_NVLS_ENABLE=0 python -m benchmarks.bench_parallel --gpus 2 --configs fp8_fast --decode_costs 0 0.75 1
+    NCCL_NVLS_ENABLE=0 python -m benchmarks.bench_parallel --gpus 2 --configs fp8_fast --decode_costs 0 0.75 measured
     python -m benchmarks.bench_parallel --scale tiny --device cpu --gpus 2 --configs fp32 --sizes 128*128 --clips 2
 
 For each configuration (bf16 or FP8 linear layers, eager or the compiled fast path) and each decode cost (how
-the schedule shares the layers out: liveavatar.parallel.schedule) one pipeline is started:
+the schedule shares the layers out, liveavatar.parallel.schedule: a fixed number of steps, or "measured", the
+default of the command line, which cuts again after every stream) one pipeline is started:
 every rank builds the same random models on its own GPU (benchmarks.random_models, same seeds). For each
 size: a warm-up stream of one clip, the measured stream of --clips clips, then (for the first size) the same
 stream in one process on the output rank's GPU, its transformer running all the steps with the same
@@ -50,7 +51,6 @@ from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline  # noqa:
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.media import image as image_io  # noqa: E402
 from liveavatar.parallel.launch import start_pipeline  # noqa: E402
-from liveavatar.parallel.schedule import DECODE_COST  # noqa: E402
 from liveavatar.parallel.worker import DitOptions  # noqa: E402
 
 SEED = 42
@@ -139,14 +139,19 @@ def run_stream(pipe, cond: Conditioning, clips: int, mux: bool = False) -> tuple
     return result, torch.cat(latents, 1), ranks
 
 
+def _decode_cost(text: str) -> float | None:
+    return None if text == "measured" else float(text)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--sizes", nargs="+", default=["704*384", "720*400"])
     parser.add_argument("--clips", type=int, default=3)
     parser.add_argument("--configs", nargs="+", default=["bf16", "fp8"], choices=sorted(CONFIGS))
-    parser.add_argument("--decode_costs", nargs="+", type=float, default=[DECODE_COST],
-                        help="a block's decode in denoising steps, for the schedule's cut; one pipeline for each")
+    parser.add_argument("--decode_costs", nargs="+", type=_decode_cost, default=[None],
+                        help="a block's decode in denoising steps, for the schedule's cut, or 'measured' (cut again "
+                             "after every stream, from its stage times); one pipeline for each")
     parser.add_argument("--scale", default="full", choices=sorted(SCALES))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--deadline_s", type=float, default=float("inf"),
@@ -197,6 +202,9 @@ def measure(pipe, run: dict, size: str, with_single: bool, args, t_start: float)
     """The warm-up and measured streams of one size, and (with_single) the one-process stream beside them."""
     cond = conditioning(pipe, size, args.clips, args.scale)
     run["warmup"], _, _ = run_stream(pipe, cond, 1, args.mux)
+    if pipe.recut:  # the first stream's stage times include compilation: cut from a second one
+        run_stream(pipe, cond, 1, args.mux)
+    run["cut_decode_cost"] = pipe.schedule.decode_cost
     run["pipeline"], latents, run["ranks"] = run_stream(pipe, cond, args.clips, args.mux)
     if not with_single or pipe.dit is None or time.perf_counter() - t_start > args.deadline_s:
         return
@@ -214,7 +222,7 @@ def _print_table(report: dict) -> None:
     print(f"{'run':<26}{'fps':>6}{'steady':>7}{'after refill':>13}{'ttff':>6}{'1-GPU steady':>13}{'1-GPU ttff':>11}{'max rel Δ':>10}"
           f"  ranks: stage ms / idle % / peak GiB")
     for run in report["runs"]:
-        name = f"{run['config']} d{run['decode_cost']:g} {run.get('size', '')}"
+        name = f"{run['config']} d{run.get('cut_decode_cost', run['decode_cost'])} {run.get('size', '')}"
         if "pipeline" not in run:
             print(f"{name:<26}  {run.get('skipped') or run.get('error', 'failed')}")
             continue

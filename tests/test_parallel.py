@@ -21,7 +21,7 @@ from liveavatar.errors import LiveAvatarError
 from liveavatar.media.audio import load_audio
 from liveavatar.parallel.launch import CheckpointModels, start_pipeline
 from liveavatar.parallel.pipeline import RankFailed
-from liveavatar.parallel.schedule import Schedule
+from liveavatar.parallel.schedule import DECODE_COST, Schedule
 
 SEED = 5
 
@@ -182,7 +182,8 @@ def test_world_size_beyond_the_layers_is_refused_before_any_rank_starts():
 def test_idle_ranks_survive_and_jobs_recover(single):
     """Idle ranks wait on the host group, never on the job group, so an idle period longer than the job
     group's timeout (NCCL's watchdog kills a process whose operation waits that long) harms nothing. A
-    stream that never ran and one stopped early leave the ranks ready for the next job."""
+    stream that never ran and one stopped early leave the ranks ready for the next job. The work is cut
+    again after a stream from the decode's measured cost, and the next stream runs that cut."""
     pipe0, _ = single
     cond = pipe0.prepare(GOLDEN / "cases" / "T1" / "image.png", load_audio(GOLDEN / "cases" / "T" / "audio.wav"),
                          "talking", size="64*64")
@@ -196,13 +197,19 @@ def test_idle_ranks_survive_and_jobs_recover(single):
     op_timeout = timedelta(seconds=4)
     pipe = start(2, 4, op_timeout=op_timeout)
     try:
+        assert pipe.schedule.decode_cost == DECODE_COST
         first = latents(pipe, settings)
+        cut = pipe.schedule
+        assert cut.decode_cost != DECODE_COST  # measured in the first stream
         time.sleep(op_timeout.total_seconds() * 1.5)
         pipe.stream(cond, settings)  # never iterated: ended by the next stream()
         stopped = pipe.stream(cond, settings).blocks(2)
         next(stopped), next(stopped)
         stopped.close()
-        assert torch.equal(first, expected) and torch.equal(latents(pipe, settings), expected)
+        assert pipe.schedule == cut  # streams shorter than a clip leave the cut as it is
+        again = pipe.stream(cond, settings)
+        assert torch.equal(first, expected) and torch.equal(torch.cat([b.latents for b in again.blocks(2)], 1), expected)
+        assert [r["role"] for r in again.rank_stats] == [cut.describe(r) for r in range(2)]
         assert torch.equal(latents(pipe, fixed_sink), expected_fixed_sink)
         pipe.processes[0].kill()
         pipe.processes[0].join()

@@ -97,14 +97,16 @@ def start_pipeline(
     options: DitOptions = DitOptions(),
     cpu_threads: int | None = None,
     op_timeout: timedelta = DEFAULT_OP_TIMEOUT,
-    decode_cost: float = DECODE_COST,
+    decode_cost: float | None = None,
 ) -> ParallelPipeline:
     """Spawns ranks 0..world_size-2, makes this process the output rank, and returns its pipeline once every
     rank has loaded its models. options: the transformer's speed options, on every rank. cpu_threads: torch
     threads per rank on the CPU (default: the cores shared out). decode_cost: a block's decode in denoising
-    steps, for sharing the work out evenly (liveavatar.parallel.schedule)."""
+    steps, for sharing the work out evenly (liveavatar.parallel.schedule); None (the default) starts from
+    DECODE_COST and cuts again after every stream with the cost measured in it."""
     try:
-        schedule = Schedule(world_size, sample_steps, models.num_layers(), decode_cost)
+        schedule = Schedule(world_size, sample_steps, models.num_layers(),
+                            DECODE_COST if decode_cost is None else decode_cost)
     except ValueError as e:
         raise LiveAvatarError(str(e)) from None
     if device_type == "cuda" and torch.cuda.device_count() < world_size:
@@ -142,7 +144,8 @@ def start_pipeline(
             dist.destroy_process_group()
         raise
     log.info("%d ranks ready: %s", world_size, "; ".join(f"rank {r}: {schedule.describe(r)}" for r in range(world_size)))
-    return ParallelPipeline(transformer, vae, text, audio, schedule, job_group, host_group, processes, offload_encoders)
+    return ParallelPipeline(transformer, vae, text, audio, schedule, job_group, host_group, processes, offload_encoders,
+                            recut=decode_cost is None)
 
 
 def _run_rank(rank: int, schedule: Schedule, port: int, models: ModelSource, options: DitOptions, device_type: str,

@@ -92,12 +92,15 @@ class ParallelPipeline(LiveAvatarPipeline):
 
     def __init__(self, transformer: RankTransformer | None, vae: WanVAE, text_encoder: TextEncoder | None,
                  audio_encoder: AudioEncoder | None, schedule: Schedule, job_group, host_group, processes,
-                 offload_encoders: bool = False):
+                 offload_encoders: bool = False, recut: bool = False):
         dit = None if transformer is None else transformer.dit
         super().__init__(dit, vae, text_encoder, audio_encoder, offload_encoders,
                          fast=transformer is not None and transformer.options.fast)
         self.transformer = transformer
         self.schedule, self.job_group, self.host_group = schedule, job_group, host_group
+        # Cut the work again after each stream from the stage times measured in it (not when this rank holds no
+        # transformer: a cut that gave it layers could not run).
+        self.recut = recut and transformer is not None
         self.processes = processes  # the other ranks (multiprocessing.Process), for liveness checks
         self._lock = threading.Lock()
         self._active: ParallelStream | None = None  # the ranks run one stream at a time
@@ -124,6 +127,21 @@ class ParallelPipeline(LiveAvatarPipeline):
                 self._active.close()
             self._active = ParallelStream(self, cond, settings)
             return self._active
+
+    def cut_from(self, rank_stats: list[dict]) -> None:
+        """Cuts the work of the next streams with the decode's cost measured in the last one: the output rank's
+        decode time per block over the time of one denoising step (all ranks' busy denoising time per block,
+        over the steps). A stream of fewer than a clip's blocks is too short to go by."""
+        out = rank_stats[-1]
+        denoise_ms = sum(r["stage_ms"] for r in rank_stats[:-1]) + out["denoise_ms"]
+        if out["blocks"] < 4 or denoise_ms <= 0 or out["decode_ms"] <= 0:
+            return
+        s = self.schedule
+        decode_cost = round(out["decode_ms"] / (denoise_ms / s.steps), 3)
+        if decode_cost != s.decode_cost:
+            self.schedule = Schedule(s.world_size, s.steps, s.num_layers, decode_cost)
+            log.info("next streams cut for a decode of %.2f steps (measured): %s", decode_cost,
+                     "; ".join(f"rank {r}: {self.schedule.describe(r)}" for r in range(s.world_size)))
 
     def check_ranks(self) -> None:
         for rank, process in enumerate(self.processes):
@@ -164,7 +182,8 @@ class ParallelStream:
         self._cuda = device.type == "cuda"
         self._streams = {name: torch.cuda.Stream(device) for name in ("feed", "stage")} if self._cuda else {}
 
-        job = Job(settings, cond.text_context.float().cpu(), cond.ref_latent.float().cpu(), cond.motion_latents.float().cpu())
+        job = Job(settings, self.schedule, cond.text_context.float().cpu(), cond.ref_latent.float().cpu(),
+                  cond.motion_latents.float().cpu())
         self._job = job
         if self.schedule.world_size > 1:
             dist.broadcast_object_list([job], src=self.rank, group=pipe.host_group)
@@ -265,6 +284,8 @@ class ParallelStream:
             for r in self.rank_stats:
                 log.info("rank %d (%s): %s", r["rank"], r["role"],
                          {k: round(v, 3) for k, v in r.items() if isinstance(v, float)})
+            if self.pipe.recut:
+                self.pipe.cut_from(self.rank_stats)
         finally:
             self._done = True
             if self.pipe._active is self:

@@ -9,7 +9,9 @@ step, the residual stream of that step goes along with them. Each rank holds the
 
 The stretches are cut so that every rank has about the same work, counting the decode of a block as
 `decode_cost` steps: the pipeline delivers one block per slowest rank, so the ranks should be equal. When
-the decode alone is at least a fair share, the last rank only decodes and the others share the steps.
+the decode alone is at least a fair share, the last rank only decodes and the others share the steps. The
+pipeline starts from DECODE_COST and cuts again with the cost each stream measured
+(ParallelPipeline.cut_from).
 
     world 2, 4 steps of 40 layers, decode 0.75 step: rank 0: steps 0-1 + step 2 layers 0-14 (95 layers)
                                                     rank 1: step 2 layers 15-39 + step 3 + decode (65 + 30)

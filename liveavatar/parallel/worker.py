@@ -65,9 +65,11 @@ class RankTransformer:
 
 @dataclass
 class Job:
-    """A stream's conditioning as the output rank broadcasts it (host tensors, computed once there)."""
+    """A stream's conditioning as the output rank broadcasts it (host tensors, computed once there), and the
+    cut of the work between the ranks that this stream runs (the output rank may cut again between streams)."""
 
     settings: StreamSettings
+    schedule: Schedule
     text_context: torch.Tensor  # [L, 4096]
     ref_latent: torch.Tensor  # [1, 16, 1, h, w]
     motion_latents: torch.Tensor  # [1, 16, 19, h, w]
@@ -288,15 +290,15 @@ def run_blocks(
 
 # ---------------------------------------------------------------------------------------------- a denoising rank
 def serve(transformer: RankTransformer, schedule: Schedule, rank: int, job_group, host_group) -> None:
-    """A denoising rank's life: wait on the host group for a job, run it, report its timings, until the
-    output rank sends None (shutdown)."""
+    """A denoising rank's life: wait on the host group for a job, run its share (as the job's schedule cuts
+    it), report its timings, until the output rank sends None (shutdown)."""
     while True:
         message = [None]
         dist.broadcast_object_list(message, src=schedule.output_rank, group=host_group)
         job = message[0]
         if job is None:
             return
-        stats = run_job_share(transformer, schedule, rank, job, job_group, host_group)
+        stats = run_job_share(transformer, job.schedule, rank, job, job_group, host_group)
         dist.send_object_list([stats], dst=schedule.output_rank, group=host_group)
 
 

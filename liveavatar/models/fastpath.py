@@ -55,7 +55,7 @@ def compile_decoder(vae: vae_module.WanVAE) -> None:
     kernels (the norm's reduction, its division and scaling, the SiLU). The convolutions stay cuDNN's. The
     decoder's stages differ in channels, sizes and frames (1 for the stream's first latent, then 2 or 4), so
     the kernels take dynamic shapes: two compilations each (one frame, several) instead of one per shape."""
-    kernel = torch.compile(_rms_norm_silu, dynamic=True)
+    kernel = torch.compile(lambda x, gamma: F.silu(vae_module.rms_norm(x, gamma)), dynamic=True)
 
     def norm_silu(norm: vae_module.RMSNorm, x: torch.Tensor) -> torch.Tensor:
         return kernel(x, norm.gamma.view(-1))  # a view: parameters would be compiled with static shapes
@@ -67,12 +67,6 @@ def compile_decoder(vae: vae_module.WanVAE) -> None:
             module.norm_silu = norm_silu
         elif isinstance(module, vae_module.Upsample):
             module.upsample_2x = upsample_2x
-
-
-def _rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """vae.norm_silu of an RMSNorm with weights gamma [C], on a [B, C, T, H, W] video."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
-    return F.silu(x / norm * (gamma.view(-1, 1, 1, 1) * x.shape[1] ** 0.5))
 
 
 SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)

@@ -93,18 +93,22 @@ class FrameConv2d(nn.Conv2d):
         return conv3d(x, self.weight.unsqueeze(2), self.bias, (1, *self.stride), (0, *self.padding))
 
 
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Each pixel's channel vector of x [B, C, ...] normalised to length sqrt(C), then scaled by gamma [C]."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
+    gain = gamma.view(-1, *([1] * (x.dim() - 2))) * x.shape[1] ** 0.5
+    return (x / norm).mul_(gain)
+
+
 class RMSNorm(nn.Module):
-    """Normalises each pixel's channel vector to length sqrt(C), then scales per channel by gamma."""
+    """`rms_norm` with the checkpoint's gamma (stored as [C, 1, 1(, 1)])."""
 
     def __init__(self, dim: int, spatial_dims: int):
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
-        self.scale = dim**0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
-        gain = self.gamma.view(-1, *([1] * (x.dim() - 2))) * self.scale
-        return (x / norm).mul_(gain)
+        return rms_norm(x, self.gamma.view(-1))
 
 
 def norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:

@@ -128,13 +128,13 @@ class ParallelPipeline(LiveAvatarPipeline):
             self._active = ParallelStream(self, cond, settings)
             return self._active
 
-    def cut_from(self, rank_stats: list[dict]) -> None:
+    def cut_from(self, rank_stats: list[dict], min_blocks: int) -> None:
         """Cuts the work of the next streams with the decode's cost measured in the last one: the output rank's
         decode time per block over the time of one denoising step (all ranks' busy denoising time per block,
-        over the steps). A stream of fewer than a clip's blocks is too short to go by."""
+        over the steps). A stream of fewer than min_blocks blocks (a clip) is too short to go by."""
         out = rank_stats[-1]
         denoise_ms = sum(r["stage_ms"] for r in rank_stats[:-1]) + out["denoise_ms"]
-        if out["blocks"] < 4 or denoise_ms <= 0 or out["decode_ms"] <= 0:
+        if out["blocks"] < min_blocks or denoise_ms <= 0 or out["decode_ms"] <= 0:
             return
         s = self.schedule
         decode_cost = round(out["decode_ms"] / (denoise_ms / s.steps), 3)
@@ -285,7 +285,7 @@ class ParallelStream:
                 log.info("rank %d (%s): %s", r["rank"], r["role"],
                          {k: round(v, 3) for k, v in r.items() if isinstance(v, float)})
             if self.pipe.recut:
-                self.pipe.cut_from(self.rank_stats)
+                self.pipe.cut_from(self.rank_stats, min_blocks=self.settings.blocks_per_clip)
         finally:
             self._done = True
             if self.pipe._active is self:

@@ -12,7 +12,11 @@ PY=${PYTHON:-python3}
 extras=${1:-}
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
+  # A CPU wheel placed on the machine (LIVEAVATAR_TORCH_WHEEL, or /opt/wheels) is used as it is.
+  wheel=${LIVEAVATAR_TORCH_WHEEL:-$(ls /opt/wheels/torch-*.whl 2>/dev/null | head -n 1)}
+  if [ -n "$wheel" ]; then
+    "$PY" -m pip install -q "$wheel"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
     "$PY" -m pip install "torch>=2.4"
   else
     "$PY" -m pip install "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu

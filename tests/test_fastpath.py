@@ -172,6 +172,46 @@ def test_resident_blocks_fit_the_memory_left_after_the_first_clip():
     assert offload.resident_blocks_that_fit(1, block, 20 * gib, 30 * gib, 0) == 0
 
 
+def test_fit_resident_blocks_on_a_cuda_device_given_without_index(monkeypatch):
+    """`--device cuda` (no index) reached torch.cuda.get_per_process_memory_fraction, which refuses a device
+    without an index: the 24 GB mode stopped at clip 1 on every GPU. The CUDA calls are replaced here by fakes
+    as strict as torch's, with a 24 GiB cap on an 80 GiB card."""
+    gib = 2**30
+
+    def strict(value):
+        if not isinstance(value, int) and not (isinstance(value, torch.device) and value.index is not None):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{value}")
+        return value
+
+    fake = {
+        "current_device": lambda: 0,
+        "synchronize": lambda device=None: None,
+        "memory_allocated": lambda device=None: strict(device) and 9 * gib,
+        "memory_reserved": lambda device=None: strict(device) and 10 * gib,
+        "max_memory_allocated": lambda device=None: strict(device) and 11 * gib,
+        "mem_get_info": lambda device=None: strict(device) and (70 * gib, 80 * gib),
+        "get_per_process_memory_fraction": lambda device=None: strict(device) is not None and 0.3,
+    }
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn, raising=False)
+
+    class Streamer:
+        device, resident_count, num_blocks, block_bytes = torch.device("cuda"), 0, 40, int(0.41e9)
+        memory_margin = offload.MEMORY_MARGIN
+        kept = None
+
+        def keep_resident(self, count):
+            self.kept = count
+            return count
+
+    streamer = Streamer()
+    kept = offload.fit_resident_blocks(streamer)
+    # 24 GiB allowed - 9 allocated - 2 GiB of work above it - 1 GiB margin = 12 GiB of blocks.
+    assert kept == streamer.kept == (12 * gib) // streamer.block_bytes
+    assert offload.indexed("cuda") == torch.device("cuda", 0)
+    assert offload.indexed("cpu") == torch.device("cpu")
+
+
 def test_offloaded_stream_fits_its_blocks_after_one_clip_and_prepare_takes_them_back(pipe, monkeypatch):
     from liveavatar.engine import stream as stream_module
     from liveavatar.engine.pipeline import LiveAvatarPipeline

@@ -65,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", default="704*384", help="pixel budget W*H (the example image sets the aspect)")
     p.add_argument("--blocks", type=int, default=16, help="blocks to generate (12 frames each)")
     p.add_argument("--steady_from", type=int, default=8, help="first block of the steady state (after clip 0's warm ring and the sink replacement)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps per block (4, the distilled count; 3 is faster)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--vae_dtype", choices=["bfloat16", "float32"], default=None, help="default: --dtype")
     p.add_argument("--fp8", action="store_true", help="FP8 linear layers in the transformer")
@@ -103,7 +104,7 @@ def main(argv=None) -> dict:
     result["build_s"] = time.perf_counter() - t0
     result["transformer_parameters"] = num_parameters(pipe.dit)
 
-    settings = StreamSettings()
+    settings = StreamSettings(sample_steps=args.steps)
     # One block more than measured, so that the last measured block, too, has the next block's steps behind it.
     num_clips = math.ceil((args.blocks + 1 + 2 * args.profile) / settings.blocks_per_clip)
     wave = _speech(num_clips, settings)
@@ -130,7 +131,7 @@ def main(argv=None) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
-    blocks, stream_setup_s, ttff_s, result["profile"] = run_stream(pipe, cond, settings, num_clips, args, wave)
+    blocks, stream_setup_s, ttff_s, result["profile"], pinned = run_stream(pipe, cond, settings, num_clips, args, wave)
     result["stream_call_ms"] = stream_setup_s * 1000
     result["ttff_s"] = ttff_s
     result["ttff_with_prepare_s"] = ttff_s + prepare_s
@@ -151,6 +152,7 @@ def main(argv=None) -> dict:
     result["attention_backend_ms"] = pipe.attention_backend_ms
     if pipe.dit.block_streamer is not None:  # --offload: blocks kept on the GPU after the first clip
         result["resident_blocks"] = pipe.dit.block_streamer.resident_count
+        result["host_pinned_gib"] = pinned / 2**30  # the streamed blocks and, with FP8 or bf16 rings, the rings
     if args.compile:
         from torch._dynamo.utils import counters
 
@@ -255,8 +257,9 @@ def reference_image(size: str) -> Image.Image:
 
 
 def run_stream(pipe, cond, settings: StreamSettings, num_clips: int, args, wave: np.ndarray):
-    """The measured stream: (per-block records, seconds until stream() returned, seconds to the first frames).
-    Nothing waits for the GPU between the two, as in a real stream."""
+    """The measured stream: (per-block records, seconds until stream() returned, seconds to the first frames,
+    profile, bytes of pinned host memory the low-memory mode holds). Nothing waits for the GPU between the two,
+    as in a real stream."""
     t_call = time.perf_counter()
     stream = pipe.stream(cond, settings, concurrent_decode=args.concurrent_decode)
     setup_s = time.perf_counter() - t_call
@@ -287,7 +290,14 @@ def run_stream(pipe, cond, settings: StreamSettings, num_clips: int, args, wave:
         if output is not None:
             output.stop()
             output.writer.close()
-    return records, setup_s, ttff, profile
+    return records, setup_s, ttff, profile, pinned_host_bytes(pipe, stream)
+
+
+def pinned_host_bytes(pipe, stream) -> int:
+    """Pinned host memory of the low-memory mode: the transformer blocks and the stream's ring caches."""
+    blocks = pipe.dit.block_streamer.host_bytes if pipe.dit.block_streamer is not None else 0
+    rings = stream._host_rings.rings if stream._host_rings is not None else []
+    return blocks + sum(t.numel() * t.element_size() for r in rings for t in (r.keys, r.values, *(r.scales or ())))
 
 
 # Kernel-name fragments of each kind of GPU work, tried in this order.

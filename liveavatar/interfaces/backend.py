@@ -43,8 +43,27 @@ class Backend:
             ckpt_dir, lora = hub.cached_checkpoint()
         if args.lora_path_dmd:
             lora = hub.resolve_lora(args.lora_path_dmd)
-        CheckpointLayout.from_dir(ckpt_dir, lora).require_complete()
-        return cls(Path(ckpt_dir), lora, device, dtype, args.fp8, args.offload_model, gpus, sample_steps)
+        layout = CheckpointLayout.from_dir(ckpt_dir, lora)
+        layout.require_complete()
+        backend = cls(Path(ckpt_dir), lora, device, dtype, args.fp8, args.offload_model, gpus, sample_steps)
+        backend.check_memory(layout, args.size)
+        return backend
+
+    def check_memory(self, layout, size: str) -> None:
+        """Refuses, with the numbers, a mode whose memory (counted for the pixel budget `size`) exceeds this GPU's
+        or, for the low-memory mode's pinned buffers, this machine's available host memory. One GPU only: with
+        several, each rank holds a share that the schedule decides."""
+        from liveavatar.engine import footprint
+        from liveavatar.media.image import parse_size
+        from liveavatar.models.dit import S2VConfig
+
+        if not self.device.startswith("cuda") or self.gpus != 1:
+            return
+        config = S2VConfig.from_json(layout.dit_config)
+        encoders = footprint.largest_file(layout.t5_file) + footprint.largest_file(layout.wav2vec2_dir)
+        need = footprint.footprint(config, parse_size(size), self.sample_steps, self.fp8, self.offload_model, encoders)
+        mode = " ".join(["--offload_model"] * self.offload_model + ["--fp8"] * self.fp8) or "the default mode (bf16)"
+        footprint.check_fits(need, mode, size, footprint.gpu_memory(self.device), footprint.host_memory_available())
 
     def open(self) -> LiveAvatarPipeline:
         """Loads the models. On a GPU: the compiled fast path with CUDA graphs, and the encoders off the GPU

@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     run.add_argument("--out", type=Path, default=Path("smoke_out"))
     run.add_argument("--only", nargs="+", choices=["command", "services", "full", "gpus"], default=None)
     run.add_argument("--checks", nargs="+", default=None, help="only these checks of the chosen groups")
-    run.add_argument("--blocks", type=int, default=6, help="blocks of the full-size runs (the low-memory mode "
-                     "fits its blocks before block 5)")
+    run.add_argument("--blocks", type=int, default=8, help="blocks of the full-size runs (the low-memory mode "
+                     "fits its blocks before block 4 of the measured stream)")
     run.add_argument("--steady_from", type=int, default=5)
     args = p.parse_args(argv)
     if args.action == "pack":

@@ -12,11 +12,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from liveavatar.engine.audio_source import audio_source_for
+from liveavatar.engine.multi_person import ActorAudio, RoutingMasks, mix_tracks, routing_masks, token_grid
 from liveavatar.engine.stream import AvatarStream, StreamSettings
 from liveavatar.media import image as image_io
 from liveavatar.models import fastpath
@@ -44,6 +46,12 @@ class Conditioning:
     audio: object  # an AudioSource (per-block features)
     num_clips: int  # clips the audio covers
     wave: np.ndarray  # 16 kHz mono speech, for muxing
+    routing: RoutingMasks | None = None  # several people (multi-person mode): whose audio drives which tokens
+
+    def actor_weights(self, frames: int) -> torch.Tensor | None:
+        """Multi-person mode: [A, tokens of a block of `frames` latent frames, 1], the weights of each actor's
+        audio injection (None for one speaker)."""
+        return None if self.routing is None else self.routing.token_weights(frames)
 
 
 class LiveAvatarPipeline:
@@ -150,13 +158,27 @@ class LiveAvatarPipeline:
     def prepare(
         self,
         image: str | Path,
-        wave: np.ndarray,
+        wave: np.ndarray | Sequence[np.ndarray],
         prompt: str,
         size: str = "704*384",
         fps: int = 25,
         frames_per_clip: int = 48,
+        masks: np.ndarray | torch.Tensor | None = None,
     ) -> Conditioning:
-        """Loads and sizes the image, encodes it, the prompt and the speech (16 kHz mono float32)."""
+        """Loads and sizes the image, encodes it, the prompt and the speech (16 kHz mono float32).
+
+        Several people (multi-person mode): `wave` is a list of tracks, one per person, and `masks`
+        [A, H_img, W_img] their regions at the image's resolution (non-zero = that person), in the same
+        order; the video covers the shortest track, and its sound is the mean of the tracks
+        (liveavatar.engine.multi_person)."""
+        waves = None
+        if not isinstance(wave, np.ndarray):
+            waves = list(wave)
+            if len(waves) < 2 or masks is None or len(masks) != len(waves):
+                raise ValueError(f"{len(waves)} speech tracks need as many masks (got "
+                                 f"{'none' if masks is None else len(masks)})")
+        elif masks is not None:
+            raise ValueError("masks are for several speech tracks; pass one track per person")
         if self.dit is not None and self.dit.block_streamer is not None:
             self.dit.block_streamer.keep_resident(0)  # the encoders need the memory that resident blocks took
         img = image_io.load_image(image)
@@ -167,17 +189,24 @@ class LiveAvatarPipeline:
         context = text.encode(prompt).float()
         self._off_device(text)
         audio_encoder = self._on_device(self.audio_encoder)
-        audio = audio_source_for(audio_encoder, wave, fps=fps, frames_per_clip=frames_per_clip)
+        routing = None
+        if waves is None:
+            audio = audio_source_for(audio_encoder, wave, fps=fps, frames_per_clip=frames_per_clip)
+        else:  # each track encoded as a single speaker's, one after another
+            audio = ActorAudio([audio_source_for(audio_encoder, w, fps=fps, frames_per_clip=frames_per_clip) for w in waves])
+            routing = routing_masks(masks, token_grid(height, width, frames_per_clip))
+            wave = mix_tracks(waves)
         if self.offload_encoders and hasattr(audio, "embedding"):
             self._off_device(audio_encoder)
-        return Conditioning(height, width, pixels, ref, motion, context, audio, audio.num_clips, wave)
+        return Conditioning(height, width, pixels, ref, motion, context, audio, audio.num_clips, wave, routing)
 
     def stream(self, cond: Conditioning, settings: StreamSettings = StreamSettings(),
                concurrent_decode: bool = False) -> AvatarStream:
         stream = AvatarStream(self.dit, self.vae, cond.text_context, cond.ref_latent, cond.motion_latents, cond.audio,
                               settings, kv_dtype=self.kv_dtype, offload_kv=self.offload_kv,
                               cuda_graphs=self.fast and self.device.type == "cuda" and not self.offload_kv,
-                              concurrent_decode=concurrent_decode)
+                              concurrent_decode=concurrent_decode,
+                              actor_mask=cond.actor_weights(settings.latent_frames_per_block))
         if self.fast and self.device.type == "cuda":
             self.attention_backend_ms = fastpath.use_fastest_attention(self.dit, stream)
         return stream

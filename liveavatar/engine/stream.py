@@ -140,6 +140,7 @@ class AvatarStream:
         cuda_graphs: bool = False,
         concurrent_decode: bool = False,
         parts: list[StepPart] | None = None,
+        actor_mask: torch.Tensor | None = None,
     ):
         """kv_dtype: storage of the ring caches (default the transformer's dtype; torch.float8_e4m3fn halves
         their memory, see RingCache). offload_kv: keep the rings in pinned host memory, one layer at a time
@@ -152,8 +153,12 @@ class AvatarStream:
         parts (default: every step whole) and vae=None make the share of a stream that one rank of the
         multi-device pipeline runs (liveavatar.parallel): ring caches for those steps' layers only and no
         decoder. Such a stream is driven through its pieces (noise_for_block, denoise_part, replace_sink), not
-        blocks()."""
+        blocks().
+        actor_mask: several people in the picture (multi-person mode): the audio source gives one row of
+        features per actor, and this [A, tokens of a block, 1] weights each actor's audio injection
+        (Conditioning.actor_weights)."""
         self.dit, self.vae, self.audio, self.settings = dit, vae, audio, settings
+        self.actor_mask = None if actor_mask is None else actor_mask.to(dit.device, torch.float32)
         if dit.block_streamer is not None and dit.device.type == "cuda":
             # The stream's own peak over its first clip decides how many blocks stay on the GPU (_denoise).
             torch.cuda.reset_peak_memory_stats(dit.device)
@@ -228,6 +233,7 @@ class AvatarStream:
             ref_roll=scheduler.ref_roll(self.settings.seed, k, step),
             layers=part.layers,
             tokens=tokens,
+            mask=self.actor_mask,
         )
         if part.layers.stop < self.dit.config.num_layers:
             return x, out

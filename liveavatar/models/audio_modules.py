@@ -108,14 +108,42 @@ class AudioInjector(nn.Module):
         self.injector_adain_layers = nn.ModuleList(AdaptiveLayerNorm(dim) for _ in range(n))
 
     def forward(
-        self, layer: int, x: torch.Tensor, audio_tokens: torch.Tensor, audio_global: torch.Tensor
+        self, layer: int, x: torch.Tensor, audio_tokens: torch.Tensor, audio_global: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, F*T, D] residual stream of the video tokens; audio_tokens [B, F, n+1, D]; audio_global [B, F, 1, D].
 
-        Returns x with the injection added (float32).
+        With several actors (multi-person mode), x is one video [1, F*T, D], the audio tokens are the actors'
+        [A, F, n+1, D] / [A, F, 1, D] and mask [A, F*T, 1] weights each actor's residual per token (see
+        `inject_actors`). Returns x with the injection added (float32).
         """
         j = self.layer_to_injector[layer]
+        if mask is None and audio_tokens.shape[0] != x.shape[0]:
+            raise ValueError(f"{audio_tokens.shape[0]} actors' audio for {x.shape[0]} video(s): several actors need a mask")
+        if mask is not None:
+            return self.inject_actors(self.injector_adain_layers[j], self.injector[j], x, audio_tokens, audio_global, mask)
         return self.inject(self.injector_adain_layers[j], self.injector[j], x, audio_tokens, audio_global)
+
+    @staticmethod
+    def actor_residuals(
+        adain: AdaptiveLayerNorm, attn: CrossAttention, x: torch.Tensor, audio_tokens: torch.Tensor, audio_global: torch.Tensor
+    ) -> torch.Tensor:
+        """Each actor's injection residual [A, F*T, D] float32 for one video x [1, F*T, D]: x is copied per actor,
+        and each copy is modulated by that actor's global token and attends to that actor's tokens, frame by frame."""
+        actors, frames = audio_tokens.shape[:2]
+        per_frame = x.expand(actors, *x.shape[1:]).reshape(actors * frames, -1, x.shape[-1])  # actor-major rows
+        h = adain(per_frame, audio_global.flatten(0, 1)[:, 0])
+        out = attn(h, audio_tokens.flatten(0, 1))
+        return out.reshape(actors, -1, x.shape[-1]).float()
+
+    @staticmethod
+    def inject_actors(
+        adain: AdaptiveLayerNorm, attn: CrossAttention, x: torch.Tensor, audio_tokens: torch.Tensor,
+        audio_global: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """x + the sum over actors of mask[a] * residual[a] (mask [A, F*T, 1] of 0/1 weights)."""
+        residual = AudioInjector.actor_residuals(adain, attn, x, audio_tokens, audio_global)
+        return x + (residual * mask).sum(dim=0, keepdim=True)
 
     @staticmethod
     def inject(

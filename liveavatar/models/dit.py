@@ -306,6 +306,7 @@ class S2VTransformer(nn.Module):
         ref_roll: int,
         layers: range | None = None,
         tokens: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One denoising step of one block: velocity [B, 16, F, h, w] for noisy latents x at timestep t.
 
@@ -314,12 +315,14 @@ class S2VTransformer(nn.Module):
           so identity stays a little ahead of the current block however long the stream.
         The block's keys/values are written into `ring`, which must belong to this step.
         layers, tokens: run only these layers of the step (see `block_step`).
+        mask: several actors (multi-person mode): audio holds one row per actor and mask [A, F*h/2*w/2, 1]
+          weights each actor's audio injection per token (liveavatar.engine.multi_person).
         """
         num_frames, h, w = x.shape[2:]
         grid = (h // 2, w // 2)
         start = start_frame * grid[0] * grid[1]
         inputs = self.block_step_inputs(t, num_frames, grid, start_frame, ref_roll, sink)
-        out = self.block_step(x, audio, *inputs, text_kv, sink, ring, start, layers, tokens)
+        out = self.block_step(x, audio, *inputs, text_kv, sink, ring, start, layers, tokens, mask=mask)
         ring.written = max(ring.written, start + num_frames * grid[0] * grid[1])
         return out
 
@@ -348,6 +351,7 @@ class S2VTransformer(nn.Module):
         start: int,
         layers: range | None = None,
         tokens: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The velocity of a block step from its inputs. Besides tensors it depends only on the ring position
         `start` (absolute token offset) and the ring's fill, so that liveavatar.models.fastpath can capture it
@@ -356,7 +360,8 @@ class S2VTransformer(nn.Module):
         With `layers`, a contiguous part of the depth (the multi-device pipeline splits a step between
         ranks), the step starts from `tokens`, its residual stream [B, N, D] float32 after the layers before,
         unless the part starts at layer 0; and it returns the residual stream after the part's last layer
-        instead of the velocity, unless that is the model's last layer."""
+        instead of the velocity, unless that is the model's last layer. mask: the actors' token weights of a
+        multi-person step (see `forward_block`)."""
         b, _, num_frames, h, w = x.shape
         grid = (h // 2, w // 2)
         end = start + num_frames * grid[0] * grid[1]
@@ -383,7 +388,7 @@ class S2VTransformer(nn.Module):
         for layer, block in self.layers(layers):
             tokens = block(tokens, time_mod, attend, text_kv[layer])
             if layer in self.audio_injector.layer_to_injector:
-                tokens = self.audio_injector(layer, tokens, audio_local, audio_global)
+                tokens = self.audio_injector(layer, tokens, audio_local, audio_global, mask)
         if layers.stop < num_layers:
             return tokens
 

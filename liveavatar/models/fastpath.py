@@ -45,6 +45,7 @@ def compile_transformer(dit: S2VTransformer) -> None:
         block.self_attention_inputs = functools.partial(before, block)
         block.after_self_attention = functools.partial(after, block)
     dit.audio_injector.inject = _compile(AudioInjector.inject)
+    dit.audio_injector.inject_actors = _compile(AudioInjector.inject_actors)
     dit.rotate = _compile(rope.apply_rope)
     dit.attention_timings = {}  # (query, ring, sink tokens) -> ms per attention candidate (use_fastest_attention)
 
@@ -181,16 +182,18 @@ class StepGraphs:
 
     @torch.no_grad()
     def forward_block(self, x, t, audio, text_kv, sink, ring, start_frame: int, ref_roll: int,
-                      layers: range | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+                      layers: range | None = None, tokens: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
         """S2VTransformer.forward_block, through a graph once `ring` is full. A ring serves one part of one step
-        (its layers), so each part of a step that a rank runs has graphs of its own."""
+        (its layers), so each part of a step that a rank runs has graphs of its own. mask (multi-person mode)
+        is the stream's, the same tensor for every step: the graphs read it where it is."""
         dit = self.dit
         args = (x, t, audio, text_kv, sink, ring, start_frame, ref_roll, layers, tokens)
         if ring.written < ring.capacity or self.error:  # the visible history still grows: shapes change every block
-            return dit.forward_block(*args)
+            return dit.forward_block(*args, mask=mask)
         if id(ring) not in self.warm:
             self.warm.add(id(ring))
-            return dit.forward_block(*args)
+            return dit.forward_block(*args, mask=mask)
         num_frames, h, w = x.shape[2:]
         grid = (h // 2, w // 2)
         start = start_frame * grid[0] * grid[1]
@@ -203,11 +206,11 @@ class StepGraphs:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self.pool):
-                    out = dit.block_step(*static[:6], text_kv, sink, ring, start, layers, *static[6:])
+                    out = dit.block_step(*static[:6], text_kv, sink, ring, start, layers, *static[6:], mask=mask)
             except RuntimeError as e:  # a kernel that cannot be captured: keep streaming without graphs
                 self.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
                 log.warning("CUDA graph capture failed, continuing without graphs: %s", self.error)
-                return dit.forward_block(*args)
+                return dit.forward_block(*args, mask=mask)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
         for buffer, value in zip(static, inputs):

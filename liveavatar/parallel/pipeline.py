@@ -182,8 +182,9 @@ class ParallelStream:
         self._cuda = device.type == "cuda"
         self._streams = {name: torch.cuda.Stream(device) for name in ("feed", "stage")} if self._cuda else {}
 
+        actor_mask = cond.actor_weights(settings.latent_frames_per_block)
         job = Job(settings, self.schedule, cond.text_context.float().cpu(), cond.ref_latent.float().cpu(),
-                  cond.motion_latents.float().cpu())
+                  cond.motion_latents.float().cpu(), None if actor_mask is None else actor_mask.cpu())
         self._job = job
         if self.schedule.world_size > 1:
             dist.broadcast_object_list([job], src=self.rank, group=pipe.host_group)
@@ -376,7 +377,8 @@ class ParallelStream:
         parts = self.schedule.parts_of(self.rank)
         if parts:
             self._part = self.pipe.transformer.stream_part(cond.text_context, cond.ref_latent, cond.motion_latents,
-                                                           cond.audio, self.settings, parts, cuda_graphs=False)
+                                                           cond.audio, self.settings, parts, cuda_graphs=False,
+                                                           actor_mask=self._job.actor_mask)
         self._decoder = start_decoder(self.pipe.vae, cond.motion_latents.to(device))
         synchronize(device)  # once per stream, so that the time is the set-up's own
         self._setup_ms = (time.perf_counter() - t0) * 1000

@@ -7,7 +7,8 @@ Two process groups connect the ranks:
   block from each rank to the next, and with it the step's residual stream [1, tokens, dim] float32 where a
   rank's share ends inside a step (point-to-point; no collective ever waits on it);
 * the host group (gloo, CPU tensors) carries everything else: the job itself (broadcast by the output
-  rank), one message per block from the output rank to every denoising rank (the block's audio features
+  rank; with several people in the picture it holds their routing mask), one message per block from the
+  output rank to every denoising rank (the block's audio features, every person's in multi-person mode,
   and, with the first block of clip 1, the rolling sink frame; or the end of the job), sent ahead of need,
   and each rank's timings when the job ends. Idle denoising ranks wait here for the next job, so an idle
   pipeline has no NCCL operation pending: no watchdog or heartbeat can fire, however long it idles.
@@ -51,13 +52,13 @@ class RankTransformer:
         self.dit, self.options = dit, options
 
     def stream_part(self, text_context, ref_latent, motion_latents, audio, settings: StreamSettings,
-                    parts: list[StepPart], cuda_graphs: bool) -> AvatarStream:
+                    parts: list[StepPart], cuda_graphs: bool, actor_mask: torch.Tensor | None = None) -> AvatarStream:
         """The share of a stream this rank runs: the caches of its steps' layers. cuda_graphs: replay its steady
         steps as CUDA graphs (with the fast path), where no other thread of the process uses the GPU meanwhile
-        (a capture forbids that)."""
+        (a capture forbids that). actor_mask: the actors' injection weights of a multi-person stream."""
         cuda = self.dit.device.type == "cuda"
         part = AvatarStream(self.dit, None, text_context, ref_latent, motion_latents, audio, settings,
-                            cuda_graphs=cuda_graphs and self.options.fast and cuda, parts=parts)
+                            cuda_graphs=cuda_graphs and self.options.fast and cuda, parts=parts, actor_mask=actor_mask)
         if self.options.fast and cuda:  # as LiveAvatarPipeline.stream
             fastpath.use_fastest_attention(self.dit, part)
         return part
@@ -73,6 +74,13 @@ class Job:
     text_context: torch.Tensor  # [L, 4096]
     ref_latent: torch.Tensor  # [1, 16, 1, h, w]
     motion_latents: torch.Tensor  # [1, 16, 19, h, w]
+    # Several people (multi-person mode): [A, tokens of a block, 1] weights of each actor's audio injection;
+    # every block's audio then has A rows.
+    actor_mask: torch.Tensor | None = None
+
+    @property
+    def num_actors(self) -> int:
+        return 1 if self.actor_mask is None else self.actor_mask.shape[0]
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -91,7 +99,7 @@ class BlockWork:
     """What a denoising rank needs for block k besides its latents."""
 
     block: int
-    audio: torch.Tensor  # [1, layers, channels, video_frames_per_block] float32, on the host
+    audio: torch.Tensor  # [actors, layers, channels, video_frames_per_block] float32, on the host
     new_ref: torch.Tensor | None = None  # the rolling sink frame [1, 16, 1, h, w], with the first block of clip 1
 
 
@@ -125,7 +133,7 @@ def block_work_receiver(src: int, job: Job, device: torch.device, group) -> Call
         expected += 1
         # Pinned, so that the copy to the GPU does not wait for the work already queued there.
         pinned = device.type == "cuda"
-        audio = torch.empty(1, layers, channels, job.settings.video_frames_per_block, pin_memory=pinned)
+        audio = torch.empty(job.num_actors, layers, channels, job.settings.video_frames_per_block, pin_memory=pinned)
         dist.recv(audio, src, group=group)
         new_ref = None
         if has_ref:
@@ -308,7 +316,7 @@ def run_job_share(transformer: RankTransformer, schedule: Schedule, rank: int, j
     device = transformer.dit.device
     t0 = time.perf_counter()
     stream = transformer.stream_part(job.text_context, job.ref_latent, job.motion_latents, None, job.settings,
-                                     schedule.parts_of(rank), cuda_graphs=True)
+                                     schedule.parts_of(rank), cuda_graphs=True, actor_mask=job.actor_mask)
     synchronize(device)
     setup_ms = (time.perf_counter() - t0) * 1000
     receive = receiver_of(schedule, rank, job, transformer.dit.config.dim, device, job_group)

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from liveavatar.engine.audio_source import clips_covered
+from liveavatar.engine.multi_person import Speakers, mix_tracks, routing_masks, token_grid
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.engine.stream import DROPPED_FIRST_FRAMES, FRAMES_PER_LATENT, Block, StreamSettings
 from liveavatar.errors import DiskFull, InputError, JobStopped, OutOfMemory
@@ -74,12 +75,18 @@ class JobSpec:
     rolling_sink: bool = True  # see StreamSettings.rolling_sink
     fps: int = 25
     max_audio_s: float | None = None  # longer speech is refused (the services' limit; the command line has none)
+    # Several people in the picture (multi-person mode): every person's speech track, the first being `audio`,
+    # and their masks (or None: found by their faces). None: one speaker, `audio`.
+    speakers: Speakers | None = None
 
     def fingerprint(self) -> str:
         """Identifies the inputs and settings whose output a resume state belongs to."""
         h = hashlib.sha256()
         for path in (self.image, self.audio):
             h.update(Path(path).read_bytes())
+        if self.speakers is not None:
+            for path in self.speakers.audio + (self.speakers.masks or ()):
+                h.update(Path(path).read_bytes())
         for value in (self.prompt, self.size, self.num_clip, self.infer_frames, self.sample_steps, self.seed,
                       self.trim_silence, self.normalize_loudness, self.rolling_sink):
             h.update(repr(value).encode())
@@ -113,6 +120,10 @@ class JobResult:
 
 
 def load_speech(spec: JobSpec) -> np.ndarray:
+    """The speech of the video: the job's track, or with several people the mean of their tracks, cut to the
+    shortest (as the original muxes them; the video covers the shortest track)."""
+    if spec.speakers is not None:
+        return mix_tracks(load_tracks(spec))
     wave = audio_io.load_audio(spec.audio, SAMPLE_RATE, max_seconds=spec.max_audio_s)
     if spec.trim_silence:
         wave = audio_io.trim_silence(wave, SAMPLE_RATE)
@@ -122,6 +133,55 @@ def load_speech(spec: JobSpec) -> np.ndarray:
         raise InputError(f"{spec.audio}: the audio is {len(wave) / SAMPLE_RATE * 1000:.0f} ms long; at least "
                          f"{MIN_SPEECH_SAMPLES / SAMPLE_RATE * 1000:.0f} ms are needed")
     return wave
+
+
+def load_tracks(spec: JobSpec) -> list[np.ndarray]:
+    """Every person's speech, in the order of the people (one speaker: the job's speech alone)."""
+    if spec.speakers is None:
+        return [load_speech(spec)]
+    return [load_speech(replace(spec, audio=path, speakers=None)) for path in spec.speakers.audio]
+
+
+@dataclass
+class PeopleMasks:
+    """Multi-person mode: the people's masks [A, H_img, W_img] bool, and the faces they were made from when
+    they were found automatically (None: given)."""
+
+    masks: np.ndarray
+    faces: list | None = None
+
+
+def check_speakers(spec: JobSpec, height: int, width: int) -> PeopleMasks | None:
+    """Multi-person mode: the masks of the people (given, or found by their faces), checked against the speech
+    tracks and the transformer's token grid at the output size H x W; None for one speaker."""
+    from liveavatar.media import faces as faces_io
+    from liveavatar.media.masks import load_masks
+
+    speakers = spec.speakers
+    if speakers is None:
+        return None
+    tracks = len(speakers.audio)
+    if tracks < 2:
+        raise InputError("several people need two or more speech tracks (a.wav+b.wav); with one track the whole "
+                         "picture speaks and takes no mask")
+    if Path(speakers.audio[0]) != Path(spec.audio):
+        raise InputError(f"the first speech track {speakers.audio[0]} is not the job's audio {spec.audio}")
+    img = image_io.load_image(spec.image)
+    if speakers.masks is None:
+        masks, found = faces_io.automatic_masks(spec.image, tracks)
+    else:
+        if len(speakers.masks) != tracks:
+            raise InputError(f"{len(speakers.masks)} mask(s) for {tracks} speech tracks: give one mask per track, "
+                             f"in the same order (a.png+b.png; white = that person)")
+        masks, found = load_masks(speakers.masks, img.size), None
+    routing = routing_masks(masks, token_grid(height, width, spec.infer_frames))
+    routed = routing.logits[0].sum(dim=0)
+    for a in range(tracks):
+        if routed[a] == 0:
+            name = f"person {a + 1}'s region" if found is not None else str(speakers.masks[a])
+            raise InputError(f"{name} covers no token of the {width // 16}x{height // 16} grid at {width}x{height} "
+                             f"(each token is 16x16 output pixels; later masks win where they overlap): make it larger")
+    return PeopleMasks(masks, found)
 
 
 def preflight(spec: JobSpec) -> np.ndarray:
@@ -144,8 +204,13 @@ def preflight(spec: JobSpec) -> np.ndarray:
     for path, what in ((spec.image, "reference image"), (spec.audio, "audio")):
         if not Path(path).is_file():
             raise InputError(f"{path}: {what} not found")
+    if spec.speakers is not None:
+        for path in spec.speakers.audio:
+            if not Path(path).is_file():
+                raise InputError(f"{path}: audio not found")
     img = image_io.load_image(spec.image)
     height, width = image_io.output_size(img.height, img.width, area)
+    check_speakers(spec, height, width)
     wave = load_speech(spec)
     clips = clips_covered(len(wave), spec.fps, spec.infer_frames)
     frames = min(clips, spec.num_clip or clips) * spec.infer_frames - DROPPED_FIRST_FRAMES
@@ -306,7 +371,11 @@ def run_job(
     _note_prompt_truncation(pipe, spec.prompt)
     settings = StreamSettings(frames_per_clip=spec.infer_frames, sample_steps=spec.sample_steps, seed=spec.seed,
                               fps=spec.fps, rolling_sink=spec.rolling_sink)
-    cond = pipe.prepare(spec.image, wave, spec.prompt, spec.size, fps=spec.fps, frames_per_clip=spec.infer_frames)
+    speech, masks = wave, None
+    if spec.speakers is not None:
+        speech, masks = _people(spec)
+    cond = pipe.prepare(spec.image, speech, spec.prompt, spec.size, fps=spec.fps, frames_per_clip=spec.infer_frames,
+                        masks=masks)
     cuda = pipe.device.type == "cuda"
     prepare_peak = torch.cuda.max_memory_allocated() if cuda else 0  # a stream may reset the peak (offload mode)
     num_clips = cond.num_clips if spec.num_clip is None else min(spec.num_clip, cond.num_clips)
@@ -423,6 +492,21 @@ def run_job(
     yield result
 
 
+def _people(spec: JobSpec) -> tuple[list[np.ndarray], np.ndarray]:
+    """Multi-person mode: (every person's speech, their masks), with the people named in the log."""
+    img = image_io.load_image(spec.image)
+    height, width = image_io.output_size(img.height, img.width, image_io.parse_size(spec.size))
+    people = check_speakers(spec, height, width)
+    tracks = load_tracks(spec)
+    for a, (path, track) in enumerate(zip(spec.speakers.audio, tracks)):
+        where = f"face {people.faces[a]}" if people.faces is not None else f"mask {spec.speakers.masks[a]}"
+        log.info("person %d (%s): speech %s, %.2f s", a + 1, where, path, len(track) / SAMPLE_RATE)
+    how = "found by their faces, numbered left to right" if people.faces is not None else "given"
+    log.info("%d people (%s); the video covers the shortest track (%.2f s) and its sound is the mean of the tracks",
+             len(tracks), how, min(len(t) for t in tracks) / SAMPLE_RATE)
+    return tracks, people.masks
+
+
 def _note_prompt_truncation(pipe: LiveAvatarPipeline, prompt: str) -> None:
     encoder = pipe.text_encoder
     tokens = len(encoder.tokenizer(clean_prompt(prompt), add_special_tokens=True)["input_ids"])
@@ -452,5 +536,5 @@ def _save_latents(path: Path, latents: torch.Tensor) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(json.dumps(data, indent=1, default=str))  # str: the paths inside nested options
     os.replace(tmp, path)

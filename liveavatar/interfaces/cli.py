@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = gen.add_argument_group("inputs")
     _add(g, "image", required=True, type=Path, help="reference image (PNG, JPEG, WebP, ...)")
-    _add(g, "audio", required=True, type=Path, help="speech: wav, mp3, flac, m4a, ogg, or a video's audio track; any rate and channels")
+    _add(g, "audio", required=True, type=Path, help="speech: wav, mp3, flac, m4a, ogg, or a video's audio track; any rate and channels. "
+         "Several people in the picture: one track per person joined with '+' (a.wav+b.wav), left to right unless --masks")
+    _add(g, "masks", default=None, help="with several speech tracks: one mask image per track joined with '+' (a.png+b.png), "
+         "the image's size, white = that person (default: the people are found by their faces, left to right; needs "
+         "the multi extra)")
     _add(g, "prompt", default="A person is talking.", help="text prompt describing the scene (default: %(default)r)")
     _add(g, "trim_silence", action="store_true", help="cut leading and trailing silence from the audio")
     _add(g, "normalize_loudness", action="store_true", help="normalise the speech to -23 LUFS (EBU R128)")
@@ -172,7 +176,9 @@ def _check_compat(args) -> list[str]:
 
 
 def _default_output(args) -> Path:
-    return args.save_dir / f"{args.image.stem}_{args.audio.stem}.mp4"
+    from liveavatar.engine.multi_person import split_plus
+
+    return args.save_dir / f"{args.image.stem}_{split_plus(args.audio)[0].stem}.mp4"
 
 
 class _RunLog(logging.FileHandler):
@@ -201,6 +207,7 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     from tqdm import tqdm
 
     from liveavatar.engine.job import JobResult, JobSpec, preflight, run_job
+    from liveavatar.engine.multi_person import Speakers, split_plus
     from liveavatar.interfaces.backend import Backend, resolve_device
 
     output = args.save_file or _default_output(args)
@@ -210,11 +217,14 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     if args.gpus != 1 and args.resume:
         raise LiveAvatarError("--resume: a run on several GPUs keeps its caches in several processes and cannot be "
                               "resumed; use --gpus 1")
+    tracks, speakers = split_plus(args.audio), None
+    if len(tracks) > 1 or args.masks is not None:  # several people in the picture
+        speakers = Speakers(tuple(tracks), None if args.masks is None else tuple(split_plus(args.masks)))
     spec = JobSpec(
-        image=args.image, audio=args.audio, prompt=args.prompt, output=output, size=args.size, num_clip=args.num_clip,
+        image=args.image, audio=tracks[0], prompt=args.prompt, output=output, size=args.size, num_clip=args.num_clip,
         infer_frames=args.infer_frames, sample_steps=args.sample_steps, seed=args.base_seed,
         save_latents=args.save_latents, resume=args.resume, trim_silence=args.trim_silence,
-        normalize_loudness=args.normalize_loudness, rolling_sink=args.sink_frame == "rolling",
+        normalize_loudness=args.normalize_loudness, rolling_sink=args.sink_frame == "rolling", speakers=speakers,
     )
     preflight(spec)
     _setup_logging(args.log_level, output.with_suffix(".log"))  # only once the output folder is known good

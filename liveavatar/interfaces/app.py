@@ -19,6 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from liveavatar.engine.job import SAMPLE_RATE, JobResult, JobSpec, Progress, load_speech
+from liveavatar.engine.multi_person import Speakers
 from liveavatar.engine.stream import DROPPED_FIRST_FRAMES
 from liveavatar.engine.worker import CANCELLED, DONE, FINISHED, EngineWorker, JobTask, QueueFull
 from liveavatar.errors import InputError
@@ -54,7 +55,8 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
     work_dir = Path(work_dir).resolve()
     sizes = list(image_io.SIZE_PRESETS) + ([default_size] if default_size not in image_io.SIZE_PRESETS else [])
 
-    def generate(image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness):
+    def generate(image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness,
+                 audio2=None, mask1=None, mask2=None):
         if not image:
             raise gr.Error("Add a reference image (upload one or take it with the webcam).")
         if not audio:
@@ -63,16 +65,31 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
             image_io.parse_size(size)
         except InputError as e:
             raise gr.Error(f"Size: {e}") from None
+        if (mask1 or mask2) and not audio2:
+            raise gr.Error("Add the second person's speech, or remove the masks (they are for two people).")
+        if audio2 and bool(mask1) != bool(mask2):
+            raise gr.Error("Add a mask for each person, or none (the people are then found by their faces).")
         folder = work_dir / "jobs" / uuid.uuid4().hex
         folder.mkdir(parents=True)
         # The inputs are copied next to the output: the job and its files stay together.
         image_path, audio_path = folder / ("image" + Path(image).suffix), folder / ("audio" + Path(audio).suffix)
         shutil.copyfile(image, image_path)
         shutil.copyfile(audio, audio_path)
+        names = {image_path: Path(image).name, audio_path: Path(audio).name}
+        speakers = None
+        if audio2:  # two people in the picture: each speech drives its person (masks: white = that person)
+            people = [audio_path]
+            for i, given in enumerate([audio2] + ([mask1, mask2] if mask1 else [])):
+                kind = "audio" if i == 0 else "mask"
+                path = folder / (f"{kind}{2 if i == 0 else i}" + Path(given).suffix)
+                shutil.copyfile(given, path)
+                names[path] = Path(given).name
+                people.append(path)
+            speakers = Speakers(tuple(people[:2]), tuple(people[2:]) or None)
         spec = JobSpec(image=image_path, audio=audio_path, prompt=prompt or "A person is talking.", output=folder / "output.mp4",
                        size=size, num_clip=int(num_clip) if num_clip else None, sample_steps=int(sample_steps),
                        seed=int(seed), trim_silence=trim_silence, normalize_loudness=normalize_loudness,
-                       max_audio_s=max_audio_s)
+                       max_audio_s=max_audio_s, speakers=speakers)
         try:
             task = worker.submit(JobTask(kind="job", spec=spec))
         except QueueFull as e:
@@ -99,7 +116,9 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                 yield gr.skip(), "Cancelled: the video generated so far can be downloaded.", \
                     str(partial) if partial.exists() else None, None
             elif task.state != DONE:  # named by the user's file names, not the job folder's
-                error = task.error.replace(str(image_path), Path(image).name).replace(str(audio_path), Path(audio).name)
+                error = task.error
+                for path in sorted(names, key=lambda p: -len(str(p))):  # audio2.wav before audio.wav
+                    error = error.replace(str(path), names[path])
                 raise gr.Error(f"Generation failed: {error}")
             else:
                 yield gr.skip(), (f"Done: {result.frames} frames ({result.width}x{result.height}) in {result.seconds:.1f} s, "
@@ -122,6 +141,18 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                                  elem_id="image")
                 audio = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath", elem_id="audio")
                 prompt = gr.Textbox(label="Prompt", value="A person is talking.", elem_id="prompt")
+                with gr.Accordion("Two people in the picture", open=False):
+                    gr.Markdown("The speech above is the first person's (the left one when the people are found by "
+                                "their faces); each speech moves only its person. The video lasts as long as the "
+                                "shorter speech, and its sound is the two mixed.")
+                    audio2 = gr.Audio(label="Second person's speech", sources=["upload", "microphone"], type="filepath",
+                                      elem_id="audio2")
+                    with gr.Row():
+                        mask1 = gr.Image(label="Mask of the first person (optional: white = that person, the "
+                                         "image's size)", sources=["upload", "clipboard"], type="filepath",
+                                         image_mode="L", format="png", elem_id="mask1")
+                        mask2 = gr.Image(label="Mask of the second person", sources=["upload", "clipboard"],
+                                         type="filepath", image_mode="L", format="png", elem_id="mask2")
                 with gr.Accordion("Options", open=False):
                     size = gr.Dropdown(sizes, value=default_size, allow_custom_value=True, elem_id="size",
                                        label="Size: pixel budget W*H (the aspect ratio follows the image)")
@@ -142,7 +173,8 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
         if all(Path(path).exists() for path in EXAMPLES[0][:2]):  # a source checkout ships them
             gr.Examples(EXAMPLES, inputs=[image, audio, prompt])
         task_id = gr.State(None)
-        event = run.click(generate, [image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness],
+        event = run.click(generate, [image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness,
+                                     audio2, mask1, mask2],
                           [video, status, download, task_id], concurrency_limit=1, show_progress="minimal")
         stop.click(cancel, [task_id], None, cancels=[event])
     return demo

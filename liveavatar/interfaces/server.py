@@ -1,6 +1,8 @@
 """`liveavatar serve`: an HTTP API for generation jobs and live sessions (FastAPI), and a player page.
 
-Jobs (a reference image, a speech file, a prompt and options, uploaded as multipart form data):
+Jobs (a reference image, a speech file, a prompt and options, uploaded as multipart form data; with several
+people in the picture, the others' speech as `more_audio` and optionally one `mask` per person, each field
+repeated in the order of the people):
 
     POST /jobs                       submit; 202 with the job's id (429 when the queue is full)
     GET  /jobs/{id}                  state, queue position, progress, result or error
@@ -26,6 +28,7 @@ random UUID, never listed) is what reaches it: no request names a file, and ids 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import shutil
@@ -40,7 +43,8 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket, W
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec
+from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec, check_speakers
+from liveavatar.engine.multi_person import Speakers
 from liveavatar.engine.live import LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
 from liveavatar.engine.worker import FINISHED, JobTask, QueueFull, SessionTask, EngineWorker
 from liveavatar.errors import InputError, LiveAvatarError
@@ -106,6 +110,39 @@ def _check_upload(check, path: Path, upload: UploadFile, field: str) -> None:
         check(path)
     except InputError as e:
         raise HTTPException(400, f"{field} ({upload.filename}): {str(e).replace(str(path), upload.filename)}") from None
+
+
+def _with_people(spec: JobSpec, audio: UploadFile, more_audio: list[UploadFile], masks: list[UploadFile],
+                 folder: Path, max_audio_s: float) -> JobSpec:
+    """A job's spec with several people (multi-person mode): the uploads saved and checked, and the masks (or
+    the faces found) checked against the speech tracks; errors name the client's files."""
+    tracks, track_uploads = [spec.audio], [audio]
+    for i, upload in enumerate(more_audio):
+        path = folder / f"audio{i + 2}"
+        _save_upload(upload, path, f"more_audio #{i + 1}")
+        _check_upload(lambda p: audio_io.load_audio(p, max_seconds=max_audio_s), path, upload, f"more_audio #{i + 1}")
+        tracks.append(path)
+        track_uploads.append(upload)
+    mask_paths = None
+    if masks:
+        mask_paths = []
+        for i, upload in enumerate(masks):
+            path = folder / f"mask{i + 1}"
+            _save_upload(upload, path, f"mask #{i + 1}")
+            mask_paths.append(path)
+    spec = dataclasses.replace(spec, speakers=Speakers(tuple(tracks), None if mask_paths is None else tuple(mask_paths)))
+    img = image_io.load_image(spec.image)
+    height, width = image_io.output_size(img.height, img.width, image_io.parse_size(spec.size))
+    try:
+        check_speakers(spec, height, width)
+    except InputError as e:
+        message = str(e)
+        names = [(spec.image, "the image")] + list(zip(tracks, (u.filename for u in track_uploads)))
+        names += list(zip(mask_paths or [], (u.filename for u in masks)))
+        for path, name in sorted(names, key=lambda pn: -len(str(pn[0]))):  # audio10 before audio1
+            message = message.replace(str(path), name or path.name)
+        raise HTTPException(400, message) from None
+    return spec
 
 
 def _check_size(size: str) -> None:
@@ -250,6 +287,11 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         seed: int = Form(42, ge=0, le=MAX_SEED),
         trim_silence: bool = Form(False),
         normalize_loudness: bool = Form(False),
+        more_audio: list[UploadFile] = File([], description="several people in the picture: the speech of the 2nd, "
+                                             "3rd, ... person (repeat the field); `audio` is the 1st person's"),
+        mask: list[UploadFile] = File([], description="several people: one mask image per person, in the order of "
+                                      "their speech (repeat the field): the image's size, white = that person. "
+                                      "None: the people are found by their faces, numbered left to right"),
     ) -> dict:
         _check_size(size)
         _check_steps(worker, sample_steps)
@@ -265,6 +307,8 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
             spec = JobSpec(image=image_path, audio=audio_path, prompt=prompt, output=folder / OUTPUT_NAME, size=size,
                            num_clip=num_clip, sample_steps=sample_steps, seed=seed, trim_silence=trim_silence,
                            normalize_loudness=normalize_loudness, max_audio_s=max_audio_s)
+            if more_audio or mask:
+                spec = _with_people(spec, audio, more_audio, mask, folder, max_audio_s)
             task = worker.submit(JobTask(kind="job", id=job_id, spec=spec, folder=folder))
         return _job_view(worker, task)
 

@@ -3,6 +3,7 @@
 #   bash scripts/setup.sh          # the package and its command
 #   bash scripts/setup.sh dev      # + test tools
 #   bash scripts/setup.sh app,dev  # + web UI / server
+#   bash scripts/setup.sh multi    # + automatic masks for several speakers (a face detector)
 # An installed torch is kept as it is (a CUDA build stays a CUDA build). Without one, a CUDA build is
 # installed on machines with an NVIDIA driver and the CPU build elsewhere (never a multi-GB CUDA
 # download on a CPU-only machine).

@@ -493,3 +493,20 @@ def test_app_with_two_speakers(web_app):
     assert outputs[-1][1].startswith("Done: 45 frames (128x128)")
     frames, _, audio, rate = read_video(outputs[-1][2])
     assert frames.shape == (45, 128, 128, 3) and abs(len(audio) / rate - 45 / 25) < 0.1
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_injection_matches_eager(dit):
+    """The fast path (GPU runs) compiles the per-actor injection as it compiles the single-speaker one."""
+    import copy
+
+    from liveavatar.models import fastpath
+
+    g = golden_case("M")
+    compiled = copy.deepcopy(dit)
+    fastpath.compile_transformer(compiled)
+    mask = g["mask_processed"][:, :3].reshape(2, -1, 1)
+    for layer in (0, 7):
+        args = (layer, g[f"inj_L{layer}_hidden_in"], g["inj_audio_tokens"], g["inj_audio_global"], mask)
+        torch.testing.assert_close(compiled.audio_injector(*args), dit.audio_injector(*args), rtol=1e-5, atol=1e-6)

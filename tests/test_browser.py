@@ -201,3 +201,45 @@ def test_gradio_app_speaks_typed_text(worker, page, tmp_path):
         assert page.hosts == {f"127.0.0.1:{port}"}, page.hosts
     finally:
         demo.close()
+
+
+@requires_espeak
+def test_player_page_job_and_live_session_speak_text(server, page, tmp_path):
+    page.goto(f"{server}/player")
+    page.set_input_files("#job-form input[name=image]", FACE)
+    page.locator("#job-text").type("Hello. I read what you type.")
+    page.fill("#job-form input[name=size]", "128*128")
+    page.click("#job-start")
+    record = watch_playback(page, "#job-video", "!!window.liveavatar.job && "
+                            "['done', 'failed'].includes(window.liveavatar.job.state)")
+    view = page.evaluate("() => window.liveavatar.job.view")
+    assert view["state"] == "done", view
+    assert record["played_before_end"] > 0, "the text job's live MP4 did not play before the job finished"
+    assert view["result"]["frames"] > 45, "the video covers the spoken text (more than one clip)"
+    assert page.is_visible("#job-download")
+
+    page.goto(f"{server}/player")
+    page.set_input_files("#session-form input[name=image]", FACE)
+    page.fill("#session-form input[name=size]", "128*128")
+    page.locator("#session-text").type(TEXT)
+    page.click("#session-start")
+    # Played while the text is spoken: blocks driven by its speech arrive, and all of it is spoken in the end.
+    for _ in range(MAX_POLLS):
+        state = page.evaluate("() => window.liveavatar.session")
+        said = sum(s["speech_samples"] for s in state["said"]) if state else 0
+        spoken = sum(b["speech_samples"] for b in state["blocks"]) if state else 0
+        if said and spoken == said and len(state["said"]) == 2:
+            break
+        page.wait_for_timeout(POLL_MS)
+    assert [s["text"] for s in state["said"]] == ["Hello there.", "I am a talking avatar, and I read what you type."]
+    assert spoken == said and sum(1 for b in state["blocks"] if b["speech_samples"]) >= said // 7680
+    played = page.evaluate("() => document.querySelector('#session-video').currentTime")
+    assert played > 0 and not state["ended"] and state["error"] is None
+    assert_not_blank(page.locator("#session-video").screenshot(), "live session (text)", tmp_path / "player-text.png")
+    page.fill("#session-text", "And one more thing.")
+    page.click("#session-say")
+    page.wait_for_function("() => window.liveavatar.session.said.length === 3", timeout=60000)
+    page.click("#session-stop")
+    page.wait_for_function("() => window.liveavatar.session.ended", timeout=60000)
+    assert page.evaluate("() => window.liveavatar.session.error") is None
+    assert page.hosts == {server.split("/")[2]}, page.hosts

@@ -381,6 +381,7 @@ def test_live_session_speaks_text_messages(server):
         assert json.loads(ws.recv(timeout=30))["type"] == "session"
         ws.send("not json")
         ws.send(json.dumps({"type": "text", "text": "   "}))
+        ws.send(json.dumps({"type": "text", "text": 42}))
         ws.send(json.dumps({"type": "text", "text": TEXT}))
         for _ in range(3000):  # bounded: each message is one event or one piece of video
             message = ws.recv(timeout=60)
@@ -405,6 +406,7 @@ def test_live_session_speaks_text_messages(server):
                 break
     assert end == {"type": "end", "error": None}
     assert errors[0].startswith("text messages are JSON objects") and errors[1] == "the text to speak is empty"
+    assert errors[2] == "text: expected a string, got int" and len(errors) == 3
     assert sentences == ["Hello there.", "I am a talking avatar, and I read what you type."]
     assert [s["text"] for s in said] == sentences
     assert [s["speech_start"] for s in said] == [0, said[0]["speech_samples"]]

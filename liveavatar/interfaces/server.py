@@ -42,11 +42,11 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket, W
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from liveavatar import tts
 from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec, synthesize_text
 from liveavatar.engine.live import LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
 from liveavatar.engine.worker import FINISHED, JobTask, QueueFull, SessionTask, EngineWorker
 from liveavatar.errors import InputError, LiveAvatarError
-from liveavatar import tts
 from liveavatar.media import audio as audio_io
 from liveavatar.media import image as image_io
 from liveavatar.media.video import PARTIAL_SUFFIX

@@ -27,7 +27,7 @@ import numpy as np
 from liveavatar.errors import InputError
 
 DEFAULT_ENGINE = "espeak"
-MAX_TEXT_CHARS = 5000  # the longest text a job may speak (about 5 minutes of speech)
+MAX_TEXT_CHARS = 5000  # the longest text a job may speak (about 5 minutes of eSpeak NG speech)
 ENTRY_POINT_GROUP = "liveavatar.tts_engines"
 
 

@@ -7,7 +7,7 @@ A voice is a model file `NAME.onnx` with its configuration `NAME.onnx.json` besi
 voice name, looked up in the voices folder (`liveavatar download --tts piper` puts them there:
 $LIVEAVATAR_VOICES, default ~/.cache/liveavatar/voices), or the path of a voice's .onnx file. The voices
 come from the Hugging Face repo rhasspy/piper-voices; each has its own licence (its MODEL_CARD).
-Synthesis runs on the CPU (a medium voice is many times faster than real time on one core).
+Synthesis runs on the CPU (ONNX Runtime's CPU provider).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from liveavatar.tts import Engine, Speech, TTSError
 VOICES_REPO = "rhasspy/piper-voices"
 # en_US-lessac-medium: <language>_<REGION>-<name>-<quality>
 _VOICE_NAME = re.compile(r"^(?P<family>[a-z]{2,3})_(?P<region>[A-Za-z0-9]+)-(?P<name>[^-/\\]+)-(?P<quality>[a-z_]+)$")
-_LOADED_MAX = 4  # voices kept loaded (an ONNX session each, 20-100 MB)
+_LOADED_MAX = 4  # voices kept loaded (an ONNX session each)
 
 
 def voices_dir() -> Path:
@@ -48,7 +48,7 @@ def repo_paths(voice: str) -> tuple[str, str]:
 
 class PiperEngine(Engine):
     name = "piper"
-    summary = "Piper, neural voices (ONNX Runtime; a voice file each, ~20-100 MB)"
+    summary = "Piper, neural voices (ONNX Runtime; a voice file of tens of MB each)"
     install_hint = "pip install 'liveavatar[tts]' (piper-tts and onnxruntime)"
     default_voice = "en_US-lessac-medium"
 

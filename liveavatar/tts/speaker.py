@@ -60,6 +60,9 @@ class TextSpeaker:
     def say(self, text: str | None, engine: str | None = None, voice: str | None = None) -> list[str]:
         """Checks the text, the engine and the voice (raising TTSError at once) and queues the text's sentences;
         returns them."""
+        for what, value in (("text", text), ("tts", engine), ("voice", voice)):
+            if value is not None and not isinstance(value, str):  # e.g. a number in a client's JSON
+                raise tts.TTSError(f"{what}: expected a string, got {type(value).__name__}")
         text = tts.check_text(text, self.max_chars)
         name = engine or self.engine
         chosen = tts.get_engine(name)

@@ -83,9 +83,11 @@ class MemBlock(nn.Module):
         self.conv = nn.Sequential(_conv3x3(2 * channels, channels), nn.ReLU(), _conv3x3(channels, channels),
                                   nn.ReLU(), _conv3x3(channels, channels))
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_and_past: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x_and_past: the frames and their pasts concatenated on the channels (built in place by
+        TinyDecoder.forward, one copy less than a concatenation); x: the frames alone (the first half)."""
         conv1, _, conv2, _, conv3 = self.conv
-        h = F.relu_(conv1(torch.cat([x, past], dim=1)))
+        h = F.relu_(conv1(x_and_past))
         h = conv3(F.relu_(conv2(h)))
         return F.relu_(h.add_(x))
 
@@ -177,20 +179,20 @@ class TinyDecoder(nn.Module):
         start); it is set to the last frame's input, in place where it exists (a CUDA graph reads it there)."""
         for i, layer in enumerate(self.decoder):
             if isinstance(layer, MemBlock):
+                n, c, h, w = x.shape
+                joined = torch.empty(n, 2 * c, h, w, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+                joined[:, :c].copy_(x)
                 frames = x.unflatten(0, (batch, -1))  # [batch, T, C, H, W]
+                past = joined[:, c:].unflatten(0, (batch, -1))  # each frame's previous frame
                 previous = memory.get(i)
-                past = torch.empty_like(x)  # x one frame later in time: the previous frame of every frame
-                shifted = past.unflatten(0, (batch, -1))
                 if previous is None:
-                    shifted[:, 0].zero_()
-                else:
-                    shifted[:, 0].copy_(previous)
-                shifted[:, 1:].copy_(frames[:, :-1])
-                if previous is None:
+                    past[:, 0].zero_()
                     memory[i] = frames[:, -1].clone()
                 else:
+                    past[:, 0].copy_(previous)
                     previous.copy_(frames[:, -1])
-                x = layer(x, past)
+                past[:, 1:].copy_(frames[:, :-1])
+                x = layer(joined, x)
             else:
                 x = layer(x)
         return x
@@ -217,7 +219,7 @@ class TinyStreamingDecoder:
         self.model = model
         self._memory: dict[int, torch.Tensor] = {}
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
-        self.graphs: dict[tuple, tuple] = {}  # latent shape -> (graph, static latents, static output)
+        self.graphs: dict[tuple, tuple] = {}  # latent shape -> (graph replay, static latents, static output)
         self._warm: set[tuple] = set()
         self._pool = None
         self.graph_error: str | None = None  # why capturing failed, after which every call runs eagerly
@@ -282,22 +284,28 @@ class TinyStreamingDecoder:
             if key not in self._warm:
                 self._warm.add(key)
                 return self._run(latents)
-            static = latents.to(torch.float32).clone()
-            graph = torch.cuda.CUDAGraph()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
+            static = latents.to(torch.float32).clone()  # the graph's input, rewritten before every replay
             try:
-                with torch.cuda.graph(graph, pool=self._pool):
-                    out = self._run(static)  # recorded, not run: the memory is still the previous call's
+                replay, out = self._capture(lambda: self._run(static))
             except RuntimeError as e:
                 self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.warning("CUDA graph capture of the TAEW2.1 decoder failed, decoding eagerly: %s", self.graph_error)
                 return self._run(latents)
-            self.graphs[key] = (graph, static, out)
-        graph, static, out = self.graphs[key]
+            self.graphs[key] = (replay, static, out)
+        replay, static, out = self.graphs[key]
         static.copy_(latents)
-        graph.replay()
+        replay()  # reads and rewrites the MemBlocks' memory where the capture found it
         return out.clone()  # the graph's output is rewritten by its next replay
+
+    def _capture(self, run) -> tuple:
+        """(replay, output) of run() captured as a CUDA graph. Capturing records the kernels without running
+        them, so the memory is still the previous call's when the first replay runs."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # all shapes' graphs share one pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = run()
+        return graph.replay, out
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ def light(pipe):
 
     tiny = TinyDecoder.from_checkpoint(TAEW)
     light = LiveAvatarPipeline(pipe.dit, pipe.vae, pipe.text_encoder, pipe.audio_encoder, tiny_decoder=tiny)
-    assert light.decoder == "taew2_1" and list(light.decoders) == ["wan", "taew2_1"] and pipe.decoder == "wan"
+    assert light.decoder_name == "taew2_1" and list(light.decoders) == ["wan", "taew2_1"] and pipe.decoder_name == "wan"
     case_dir = GOLDEN / "cases" / "T1"
     cond = light.prepare(case_dir / "image.png", load_audio(GOLDEN / "cases" / "T" / "audio.wav"), "talking",
                          size="128*128")

@@ -52,7 +52,7 @@ def service(tmp_path_factory):
 
 def test_service_flags_load_the_light_decoder(service):
     pipe, _, _ = service
-    assert isinstance(pipe.decoders["taew2_1"], TinyDecoder) and pipe.decoder == "taew2_1"
+    assert isinstance(pipe.decoders["taew2_1"], TinyDecoder) and pipe.decoder_name == "taew2_1"
     assert pipe.decoders["wan"] is pipe.vae  # still there: it encodes, and a stream may ask for it
     for command in ("app", "serve", "generate"):
         args = cli.build_parser().parse_args([command, "--decoder", "taew2_1"] +
@@ -134,7 +134,7 @@ def test_two_processes_decode_with_the_light_decoder_as_one_does(service):
         pipe = start_pipeline(CheckpointModels(CKPT, dtype=torch.float32, decoder=DecoderChoice("taew2_1", TAEW)), 2,
                               device_type="cpu", cpu_threads=1)
         try:
-            assert pipe.decoder == "taew2_1" and pipe.schedule.decode_cost == LIGHT_DECODE_COST
+            assert pipe.decoder_name == "taew2_1" and pipe.schedule.decode_cost == LIGHT_DECODE_COST
             blocks = list(pipe.stream(cond, StreamSettings(seed=3)).blocks(1))
         finally:
             pipe.close()

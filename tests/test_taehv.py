@@ -196,3 +196,46 @@ def test_wrong_keys_or_shapes_are_named(tmp_path, change, message):
     with pytest.raises(CheckpointError, match="bad.pth: ") as info:
         TinyDecoder.from_checkpoint(tmp_path / "bad.pth")
     assert message in str(info.value)
+
+
+def test_cuda_graph_bookkeeping_replays_the_eager_stream(model, golden, caplog):
+    """The CUDA-graph path's logic on the CPU, with a stand-in for the capture that behaves as one: capturing
+    runs nothing (the memory is left as it was), a replay reruns the recorded work on the buffers that were
+    captured (their identity is checked) and writes the captured output tensor."""
+    latents = torch.cat([golden["latents"], golden["latents"].flip(1)], dim=1)[:, :13].transpose(1, 2)
+    eager, graphed = model.streaming_decoder(), model.streaming_decoder()
+    graphed.cuda_graphs = True  # what cuda_graphs=True gives on a GPU
+    captures = []
+
+    def capture(run):
+        buffers = dict(graphed._memory)
+        before = {i: t.clone() for i, t in buffers.items()}
+        out = run()
+        for i, t in buffers.items():
+            t.copy_(before[i])
+        captures.append(out)
+
+        def replay():
+            assert all(graphed._memory[i] is t for i, t in buffers.items()), "the graph's memory buffers were replaced"
+            out.copy_(run())
+
+        return replay, out
+
+    graphed._capture = capture
+    start = 0
+    for n in (1, 3, 3, 3, 3):  # the first call (trimmed), a warm eager call, a capture, two replays
+        piece = latents[:, :, start:start + n]
+        start += n
+        assert torch.equal(graphed.decode(piece), eager.decode(piece)), n
+    assert len(captures) == 1 and list(graphed.graphs) == [(1, 16, 3, 12, 16)] and graphed.graph_error is None
+
+    def failing(run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    broken = model.streaming_decoder()
+    broken.cuda_graphs, broken._capture = True, failing
+    for n in (1, 3, 3, 3):
+        piece = latents[:, :, :n]
+        broken.decode(piece)
+    assert broken.graph_error == "RuntimeError: operation not permitted when stream is capturing"
+    assert "CUDA graph capture of the TAEW2.1 decoder failed, decoding eagerly" in caplog.text

@@ -65,11 +65,11 @@ class LiveAvatarPipeline:
         self.decoders: dict[str, VideoDecoder] = {"wan": vae}
         if tiny_decoder is not None:
             self.decoders[TINY_DECODER] = tiny_decoder
-        self.decoder = TINY_DECODER if tiny_decoder is not None else "wan"
+        self.decoder_name = TINY_DECODER if tiny_decoder is not None else "wan"
 
     def decoder_for(self, name: str | None) -> VideoDecoder:
         """The decoder model of that name (None: the pipeline's default); InputError if it was not loaded."""
-        name = name or self.decoder
+        name = name or self.decoder_name
         if name not in self.decoders:
             raise InputError(f"decoder {name}: this pipeline was started without it (start it with --decoder "
                              f"{name}); available: {', '.join(self.decoders)}")

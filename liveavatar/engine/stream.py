@@ -54,7 +54,7 @@ class StreamSettings:
     # pipeline's behaviour). Off keeps the input image as the reference for the whole stream.
     rolling_sink: bool = True
     # Which of the pipeline's decoders makes the frames: "wan" (the Wan2.1 VAE) or "taew2_1" (the light one,
-    # when the pipeline has it); None: the pipeline's own choice (LiveAvatarPipeline.decoder).
+    # when the pipeline has it); None: the pipeline's own choice (LiveAvatarPipeline.decoder_name).
     decoder: str | None = None
 
     def __post_init__(self):

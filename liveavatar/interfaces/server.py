@@ -266,7 +266,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         running = worker.running
         return {"status": "ok", "device": str(worker.pipe.device), "queued": worker.queued,
                 "max_queue": worker.max_queue, "running": running.id if running else None,
-                "decoder": worker.pipe.decoder, "decoders": list(worker.pipe.decoders)}
+                "decoder": worker.pipe.decoder_name, "decoders": list(worker.pipe.decoders)}
 
     # ------------------------------------------------------------------ jobs
     @app.post("/jobs", status_code=202)

@@ -239,3 +239,15 @@ def test_cuda_graph_bookkeeping_replays_the_eager_stream(model, golden, caplog):
         broken.decode(piece)
     assert broken.graph_error == "RuntimeError: operation not permitted when stream is capturing"
     assert "CUDA graph capture of the TAEW2.1 decoder failed, decoding eagerly" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_path_float16_channels_last_cuda_graphs(tmp_path):
+    """The light decoder as the engine runs it on a GPU (benchmarks.smoke's light_parity check)."""
+    from benchmarks.smoke import LIGHT_TOLERANCE, light_decoder_parity
+
+    light_decoder_parity(str(GOLDEN), str(tmp_path / "parity.json"))
+    result = json.loads((tmp_path / "parity.json").read_text())
+    print(result)
+    assert result["dtype"] == "torch.float16" and result["graphs"] == 1 and result["graph_error"] is None
+    assert result["vs_float32"] <= LIGHT_TOLERANCE and result["vs_reference"] <= LIGHT_TOLERANCE

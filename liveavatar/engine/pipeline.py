@@ -196,8 +196,9 @@ class LiveAvatarPipeline:
 
     def stream(self, cond: Conditioning, settings: StreamSettings = StreamSettings(),
                concurrent_decode: bool = False) -> AvatarStream:
-        stream = AvatarStream(self.dit, self.decoder_for(settings.decoder), cond.text_context, cond.ref_latent, cond.motion_latents, cond.audio,
-                              settings, kv_dtype=self.kv_dtype, offload_kv=self.offload_kv,
+        stream = AvatarStream(self.dit, self.decoder_for(settings.decoder), cond.text_context, cond.ref_latent,
+                              cond.motion_latents, cond.audio, settings, kv_dtype=self.kv_dtype,
+                              offload_kv=self.offload_kv,
                               cuda_graphs=self.fast and self.device.type == "cuda" and not self.offload_kv,
                               concurrent_decode=concurrent_decode)
         if self.fast and self.device.type == "cuda":

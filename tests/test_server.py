@@ -98,13 +98,15 @@ def wait_until(predicate, what: str):
 def test_health_and_openapi(server):
     client, worker, _ = server
     health = client.get("/health").json()
-    assert health == {"status": "ok", "device": "cpu", "queued": 0, "max_queue": 2, "running": None}
+    assert health == {"status": "ok", "device": "cpu", "queued": 0, "max_queue": 2, "running": None,
+                      "decoder": "wan", "decoders": ["wan"]}
     schema = client.get("/openapi.json").json()
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/live", "/jobs/{job_id}/video", "/jobs/{job_id}/cancel",
                  "/sessions", "/sessions/{session_id}/video", "/health"):
         assert path in schema["paths"], path
     fields = schema["components"]["schemas"]["Body_submit_job_jobs_post"]["properties"]
     assert {"image", "audio", "prompt", "size", "num_clip", "sample_steps", "seed"} <= set(fields)
+    assert "decoder" in schema["components"]["schemas"]["Body_create_session_sessions_post"]["properties"]
     page = client.get("/player")
     assert page.status_code == 200 and "<video" in page.text
 
@@ -267,6 +269,9 @@ def test_session_errors(server):
     client, _, _ = server
     r = client.post("/sessions", files={"image": ("x.png", b"nope")}, data={"size": SIZE})
     assert r.status_code == 400 and r.json()["detail"].startswith("image (x.png): not an image file")
+    r = client.post("/sessions", files={"image": ("face.png", FACE.read_bytes())}, data={"decoder": "taew2_1"})
+    assert r.status_code == 422 and r.json()["detail"] == ("decoder: 'taew2_1' is not loaded in this server (it has "
+                                                           "wan; start it with --decoder taew2_1 for that one)")
     assert client.get("/sessions/unknown").status_code == 404
 
 

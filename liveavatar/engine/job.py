@@ -343,8 +343,8 @@ def run_job(
     cuda = pipe.device.type == "cuda"
     prepare_peak = torch.cuda.max_memory_allocated() if cuda else 0  # a stream may reset the peak (offload mode)
     num_clips = cond.num_clips if spec.num_clip is None else min(spec.num_clip, cond.num_clips)
-    log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d)", cond.width, cond.height, num_clips,
-             spec.infer_frames, cond.num_clips)
+    log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d), decoder %s", cond.width, cond.height,
+             num_clips, spec.infer_frames, cond.num_clips, pipe.decoder_name)
     stream = pipe.stream(cond, settings)
     if spec.resume and not stream.resumable:
         raise InputError("--resume: this pipeline's caches live in several processes and are not saved; "
@@ -449,6 +449,7 @@ def run_job(
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary["spec"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
     summary["device"] = str(pipe.device)
+    summary["decoder"] = pipe.decoder_name
     try:
         _write_json(spec.output.with_suffix(".json"), summary)
     except OSError as e:  # the video is complete and in place; only its summary is missing

@@ -291,6 +291,7 @@ class SessionOptions:
     sample_steps: int = 4
     seed: int = 42
     rolling_sink: bool = True
+    decoder: str | None = None  # "wan" or "taew2_1" (StreamSettings.decoder); None: the service's --decoder
 
 
 class LiveSession:
@@ -373,7 +374,8 @@ class LiveSession:
 
     def _run(self, pipe: LiveAvatarPipeline) -> None:
         o = self.options
-        settings = StreamSettings(sample_steps=o.sample_steps, seed=o.seed, rolling_sink=o.rolling_sink)
+        settings = StreamSettings(sample_steps=o.sample_steps, seed=o.seed, rolling_sink=o.rolling_sink,
+                                  decoder=o.decoder)
         # prepare() encodes the image and the prompt together with a speech file's features; a session has
         # no file, so it is given one block of silence and its audio source is replaced by the live one.
         silence = np.zeros(settings.video_frames_per_block * SAMPLE_RATE // settings.fps, np.float32)

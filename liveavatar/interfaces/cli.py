@@ -17,6 +17,9 @@ from pathlib import Path
 
 from liveavatar.errors import JobStopped, LiveAvatarError
 
+DECODERS = ("wan", "taew2_1")  # liveavatar.models.taehv.DECODERS (not imported here: it loads torch)
+TAEW_REPO = "madebyollin/taehv"
+
 log = logging.getLogger("liveavatar")
 
 EXAMPLE = "liveavatar generate --image examples/face.png --audio examples/speech.wav --prompt 'A person talking' --save_file out.mp4"
@@ -97,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download the weights (Wan2.2-S2V-14B and Live Avatar LoRA)",
                         description="Fetch both Hugging Face repos into a folder (resumable, with progress).")
     _add(dl, "ckpt_dir", type=Path, default=Path("ckpt"), help="destination folder (default: %(default)s)")
+    _add(dl, "decoder", choices=DECODERS, default="wan", help="also fetch the light decoder's weights: 'taew2_1' "
+         f"puts {TAEW_REPO}'s taew2_1.pth into <ckpt_dir>/taehv/, where --decoder taew2_1 finds it (default: %(default)s, "
+         "nothing more)")
     _add(dl, "tts", default=None, help="instead of the weights, a voice for this speech engine (piper)")
     _add(dl, "voice", default=None, help="with --tts piper: the voice to fetch from rhasspy/piper-voices, e.g. "
          "en_US-lessac-medium (into $LIVEAVATAR_VOICES, default ~/.cache/liveavatar/voices)")
@@ -150,6 +156,13 @@ def _add_model_args(parser, gpus_note: str = "") -> None:
               "the GPU after use either way")
     _add(parser, "fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer (GPUs with FP8 "
          "tensor cores: Ada, Hopper)")
+    _add(parser, "decoder", choices=DECODERS, default="wan",
+         help="what turns latents into frames: 'wan' (default) the Wan2.1 VAE's decoder, for final renders; "
+              "'taew2_1' the tiny TAEW2.1 decoder (madebyollin/taehv), ~25x less arithmetic a block, for live, "
+              "low-latency or smaller GPUs, at some cost in fine detail (the VAE still encodes the reference)")
+    _add(parser, "decoder_path", default=None,
+         help="the TAEW2.1 weights for --decoder taew2_1: taew2_1.pth or taew2_1.safetensors, a folder holding it, "
+              f"or the hub id {TAEW_REPO} (default: <ckpt_dir>/taehv/, then the Hugging Face cache)")
     _add(parser, "gpus", type=int, default=1, help="GPUs to pipeline each block's work over: the denoising steps' "
          "layers are shared out so that every GPU has about the same work, the last one also decodes; any number "
          "up to one per layer of every step (cuda:0..N-1; choose them with CUDA_VISIBLE_DEVICES). With --device "
@@ -294,7 +307,10 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
         log.info("speech: %d characters of text spoken by the %s engine (voice %s) into %s", len(spec.text),
                  spec.tts or "espeak", spec.voice or "default", spec.audio)
     log.info("device %s (%s), torch %s", device, dtype, torch.__version__)
-    pipe = Backend.from_args(args).open()
+    backend = Backend.from_args(args)
+    if backend.decoder.path is not None:
+        log.info("decoder %s: %s", backend.decoder.name, backend.decoder.path)
+    pipe = backend.open()
     bar = None
     gpu_csv = output.with_suffix(".gpu_memory.csv") if device.startswith("cuda") else None
     if gpu_csv is not None:
@@ -358,7 +374,7 @@ def cmd_download(args, stop: "_StopFlag") -> int:
     if args.tts is not None or args.voice is not None:
         print(_download_voice(args.tts, args.voice))
         return 0
-    print(hub.download(args.ckpt_dir))
+    print(hub.download(args.ckpt_dir, decoders=(args.decoder,)))
     return 0
 
 

@@ -10,7 +10,7 @@ Jobs (a reference image, a speech file or a text to speak, a prompt and options,
 
 Live sessions (speech pushed while the avatar is generated, see liveavatar.engine.live):
 
-    POST /sessions                   image + prompt + options; 201 with the session's id
+    POST /sessions                   image + prompt + options (the decoder among them); 201 with the session's id
     WS   /sessions/{id}/ws           push 16 kHz mono s16le PCM (binary) or text to speak (JSON {"type": "text",
                                      "text": ..., "voice": ..., "tts": ...}, spoken sentence by sentence); receive
                                      JSON events (text) and the session's fragmented MP4 (binary); the session
@@ -157,6 +157,12 @@ def _check_steps(worker: EngineWorker, sample_steps: int) -> None:
         raise HTTPException(422, f"sample_steps: this server's multi-GPU pipeline runs {fixed} steps, not {sample_steps}")
 
 
+def _check_decoder(worker: EngineWorker, decoder: str | None) -> None:
+    if decoder is not None and decoder not in worker.pipe.decoders:
+        raise HTTPException(422, f"decoder: {decoder!r} is not loaded in this server (it has "
+                                 f"{', '.join(worker.pipe.decoders)}; start it with --decoder {decoder} for that one)")
+
+
 def _task(worker: EngineWorker, task_id: str, kind: type, noun: str):
     """The worker's task of that id and kind, or 404."""
     task = worker.tasks.get(task_id)
@@ -259,7 +265,8 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     def health() -> dict:
         running = worker.running
         return {"status": "ok", "device": str(worker.pipe.device), "queued": worker.queued,
-                "max_queue": worker.max_queue, "running": running.id if running else None}
+                "max_queue": worker.max_queue, "running": running.id if running else None,
+                "decoder": worker.pipe.decoder_name, "decoders": list(worker.pipe.decoders)}
 
     # ------------------------------------------------------------------ jobs
     @app.post("/jobs", status_code=202)
@@ -358,9 +365,13 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         rolling_sink: bool = Form(True, description="after the first clip, the first generated frame becomes the reference"),
         voice: str | None = Form(None, description="the voice of text messages (default: the engine's own)"),
         tts_engine: str | None = Form(None, alias="tts", description="the speech engine of text messages (espeak, piper)"),
+        decoder: str | None = Form(None, description="what makes the frames: 'wan' (the Wan2.1 VAE) or 'taew2_1' (the "
+                                   "light decoder, if the server was started with --decoder taew2_1); default: the "
+                                   "server's --decoder (see /health)"),
     ) -> dict:
         _check_size(size)
         _check_steps(worker, sample_steps)
+        _check_decoder(worker, decoder)
         # The engine and voice of the session's text messages, checked now (a message may name others).
         speaking = _check_tts(None, tts_engine, voice, None) if voice or tts_engine else (None, None)
         session_id = uuid.uuid4().hex
@@ -370,7 +381,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         with _removed_on_failure(folder):
             _save_upload(image, image_path, "image")
             _check_upload(image_io.load_image, image_path, image, "image")
-            session = LiveSession(SessionOptions(image_path, prompt, size, sample_steps, seed, rolling_sink))
+            session = LiveSession(SessionOptions(image_path, prompt, size, sample_steps, seed, rolling_sink, decoder))
             task = worker.submit(SessionTask(kind="session", id=session_id, session=session, folder=folder))
             session_voices[session_id] = speaking
         async def close_unclaimed():

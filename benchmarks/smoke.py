@@ -110,9 +110,6 @@ def pack_data(golden: Path, to: Path) -> None:
         shutil.copy(case / name, to / "case" / name)
     save_file({"latents_final": load_file(str(case / "outputs.safetensors"))["latents_final"].contiguous()},
               str(to / "case" / "latents_final.safetensors"))
-    (to / "taew2_1").mkdir()  # the light decoder's layout and the reference's frames (33 MB)
-    for name in ("taew2_1.pth", "outputs.safetensors"):
-        shutil.copyfile(golden / "taew2_1" / name, to / "taew2_1" / name)
     print(f"packed into {to}")
 
 
@@ -283,7 +280,7 @@ def command_checks(ctx: Context):
         if "bf16" not in ctx.latents:
             raise Failed("needs the bf16 check first (the light decoder changes no latent)")
         cmd, out, lat = _generate_cmd(ctx, "light", ["--dtype", "bfloat16", "--decoder", "taew2_1", "--decoder_path",
-                                                     str(ctx.data / "taew2_1" / "taew2_1.pth")])
+                                                     str(light_checkpoint(ctx))])
         log = ctx.out / "command" / "light.log"
         _run(cmd, ctx.env, log, timeout=900)
         _check_video(out, 141, (256, 384))
@@ -302,17 +299,15 @@ def command_checks(ctx: Context):
         folder = ctx.out / "command"
         folder.mkdir(exist_ok=True)
         code = (f"from benchmarks.smoke import light_decoder_parity; "
-                f"light_decoder_parity({str(ctx.data)!r}, {str(folder / 'light_parity.json')!r})")
+                f"light_decoder_parity({str(light_checkpoint(ctx))!r}, {str(folder / 'light_parity.json')!r})")
         _run([sys.executable, "-c", code], ctx.env, folder / "light_parity.log", timeout=600)
         c.figures = json.loads((folder / "light_parity.json").read_text())
         f = c.figures
         if f["graphs"] != 1 or f["graph_error"]:
             raise Failed(f"CUDA graphs: {f['graphs']} captured, error {f['graph_error']}")
-        if not (f["vs_float32"] <= LIGHT_TOLERANCE and f["vs_reference"] <= LIGHT_TOLERANCE):
-            raise Failed(f"float16 GPU frames {f['vs_float32']:.2e} from float32, {f['vs_reference']:.2e} from the "
-                         f"reference (max abs) > {LIGHT_TOLERANCE:.0e}")
-        return (f"float16 + CUDA graph: {f['vs_float32']:.2e} from float32 (CPU), {f['vs_reference']:.2e} from the "
-                f"reference's frames, max abs")
+        if not f["vs_float32"] <= LIGHT_TOLERANCE:
+            raise Failed(f"float16 GPU frames {f['vs_float32']:.2e} from float32 (max abs) > {LIGHT_TOLERANCE:.0e}")
+        return f"float16 + CUDA graph: {f['vs_float32']:.2e} from float32 (CPU), max abs"
 
     return [
         ("fp32", generate("fp32", ["--dtype", "float32"])),
@@ -326,20 +321,29 @@ def command_checks(ctx: Context):
     ]
 
 
-def light_decoder_parity(data: str, out: str) -> None:
+def light_checkpoint(ctx: Context) -> Path:
+    """A TAEW2.1 decoder at the release's size with random weights, written once in the release's layout (the
+    golden one is 23 MB, too much to carry beside PyAV; its parity with the reference is a CPU test)."""
+    path = ctx.out / "taew2_1.pth"
+    if not path.exists():
+        import torch
+
+        from benchmarks.random_models import build_tiny_decoder
+
+        torch.save(build_tiny_decoder("cpu", torch.float16).state_dict(), path)
+    return path
+
+
+def light_decoder_parity(checkpoint: str, out: str) -> None:
     """(Run in a subprocess on the GPU.) The light decoder as the engine runs it there: float16 weights,
     channels-last, the stream's first latent and then blocks of 3 latents, the third block onwards replayed as
-    a CUDA graph; against the same decoder in float32 on the CPU (13 latents: the reference's 7 and 6 more) and
-    the reference's own frames (its first 25). Writes the errors (max abs on [0, 1] frames) as JSON."""
+    a CUDA graph; against the same decoder in float32 on the CPU. Writes the error (max abs on [0, 1] frames)."""
     import torch
-    from safetensors.torch import load_file
 
     from benchmarks.report import write_json
     from liveavatar.models.taehv import TinyDecoder, tiny_decoder_dtype
 
-    golden = load_file(f"{data}/taew2_1/outputs.safetensors")
-    latents = torch.cat([golden["latents"], golden["latents"].flip(1)], dim=1)[:, :13]  # NTCHW
-    checkpoint = f"{data}/taew2_1/taew2_1.pth"
+    latents = torch.randn(1, 13, 16, 12, 16, generator=torch.Generator().manual_seed(0))  # NTCHW
     dtype = tiny_decoder_dtype(torch.device("cuda"), torch.bfloat16)
     model = TinyDecoder.from_checkpoint(checkpoint, "cuda", dtype)
     decoder = model.streaming_decoder(cuda_graphs=True)
@@ -352,9 +356,7 @@ def light_decoder_parity(data: str, out: str) -> None:
     reference = TinyDecoder.from_checkpoint(checkpoint).decode_video(latents)
     write_json(Path(out), {
         "dtype": str(dtype), "graphs": len(decoder.graphs), "graph_error": decoder.graph_error,
-        "frames": list(frames.shape),
-        "vs_float32": float((frames - reference).abs().max()),
-        "vs_reference": float((frames[:, :25] - golden["frames_streamed"]).abs().max()),
+        "frames": list(frames.shape), "vs_float32": float((frames - reference).abs().max()),
     })
 
 

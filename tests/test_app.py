@@ -1,8 +1,11 @@
 """The Gradio web UI (`liveavatar app`): its generate handler streams playable chunks and ends with the MP4,
 Cancel stops the job, bad inputs are named, and starting it opens no connection off this machine."""
 
+import shutil
 import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -37,10 +40,10 @@ def handler(demo, name):
     return next(f.fn for f in demo.fns.values() if f.name == name)
 
 
-def run_generate(demo, image=FACE, audio=SPEECH, num_clip=1, **changes):
+def run_generate(demo, image=FACE, audio=SPEECH, num_clip=1, text="", tts=None, voice=None, **changes):
     values = {**INPUTS, **changes}
     return handler(demo, "generate")(image, audio, values["prompt"], values["size"], num_clip, values["sample_steps"],
-                                     values["seed"], values["trim_silence"], values["normalize_loudness"])
+                                     values["seed"], values["trim_silence"], values["normalize_loudness"], text, tts, voice)
 
 
 def test_generate_streams_one_playable_chunk_per_block_then_the_mp4(app):
@@ -119,3 +122,44 @@ def test_launch_binds_loopback_and_connects_nowhere_else(app):
         active[0] = False
     hosts = {target[0] if isinstance(target, tuple) else target for _, target in seen}
     assert hosts and hosts <= {"127.0.0.1", "localhost", "::1"}, seen
+
+
+requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="eSpeak NG is not installed")
+
+
+@requires_espeak
+def test_generate_from_text_speaks_it(app):
+    from liveavatar import tts
+    from liveavatar.engine.audio_source import clips_covered
+    from liveavatar.tts.speaker import to_speech_rate
+
+    text = "Hello there. I read what you type."
+    outputs, chunk_sounds = [], []
+    for output in run_generate(demo=app[0], audio=None, num_clip=0, text=text, tts="espeak", voice="en-gb"):
+        outputs.append(output)
+        if isinstance(output[0], str):  # read when handed over, as Gradio does
+            chunk_sounds.append(read_video(output[0])[2])
+    done = outputs[-1]
+    assert done[1].startswith("Done: ") and done[2].endswith("output.mp4")
+    speech = to_speech_rate(tts.synthesize(text, "espeak", "en-gb"))
+    frames, _, audio, rate = read_video(done[2])
+    assert len(frames) == clips_covered(len(speech)) * 48 - 3, "as many clips as the speech covers"
+    shown = speech[3 * 640:]
+    n = min(len(audio), len(shown))
+    assert abs(len(audio) - min(len(shown), len(frames) * 640)) < 0.1 * rate
+    assert np.corrcoef(audio[:n], shown[:n])[0, 1] > 0.95
+    assert len(chunk_sounds) == len(frames) // 12 + 1
+    assert np.corrcoef(chunk_sounds[0][:4000], shown[:4000])[0, 1] > 0.9, "the chunks that play carry the speech too"
+
+
+@requires_espeak
+def test_text_input_errors_are_named(app):
+    demo, _ = app
+    with pytest.raises(gr.Error, match="Add speech .*, or type a text to speak"):
+        next(run_generate(demo, audio=None, text="   "))
+    with pytest.raises(gr.Error, match="Give either speech or a text to speak, not both"):
+        next(run_generate(demo, text="Hello."))
+    with pytest.raises(gr.Error, match="Text to speech: unknown espeak voice 'xx-nowhere'"):
+        next(run_generate(demo, audio=None, text="Hello.", voice="xx-nowhere"))
+    with pytest.raises(gr.Error, match="Text to speech: the text is 5001 characters long; the limit is 5000"):
+        next(run_generate(demo, audio=None, text="x" * 5001))

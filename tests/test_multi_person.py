@@ -483,7 +483,7 @@ def test_app_with_two_speakers(web_app):
 
     def run(audio2=None, mask1=None, mask2=None):
         return generate(str(CASE / "image.png"), str(CASE / "audio.wav"), "Two people talk", "128*128", 1, 4, 3, False,
-                        False, audio2, mask1, mask2)
+                        False, audio2=audio2, mask1=mask1, mask2=mask2)
 
     with pytest.raises(gr.Error, match="Add the second person's speech"):
         next(run(mask1=str(CASE / "mask_actor1.png")))

@@ -8,6 +8,7 @@ every block. Files written next to the output `out.mp4`:
     out.log                the run log (parameters, per-block stage timings, device, peak memory)
     out.json               machine-readable summary
     out.gpu_memory.csv     GPU memory samples, one per block (CUDA only)
+    out.speech.wav         a text job's synthesised speech (kept for --resume; removed when the job is done)
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class JobSpec:
     rolling_sink: bool = True  # see StreamSettings.rolling_sink
     fps: int = 25
     max_audio_s: float | None = None  # longer speech is refused (the services' limit; the command line has none)
+    # A text job: `text` is spoken by the `tts` engine with `voice` into the file `audio` (see synthesize_text),
+    # which then goes the way of any speech file.
+    text: str | None = None
+    voice: str | None = None
+    tts: str | None = None
     # Several people in the picture (multi-person mode): every person's speech track, the first being `audio`,
     # and their masks (or None: found by their faces). None: one speaker, `audio`.
     speakers: Speakers | None = None
@@ -90,6 +96,8 @@ class JobSpec:
         for value in (self.prompt, self.size, self.num_clip, self.infer_frames, self.sample_steps, self.seed,
                       self.trim_silence, self.normalize_loudness, self.rolling_sink):
             h.update(repr(value).encode())
+        if self.text is not None:  # (audio jobs keep the fingerprints they had before text jobs existed)
+            h.update(repr((self.text, self.tts, self.voice)).encode())
         return h.hexdigest()
 
 
@@ -117,6 +125,31 @@ class JobResult:
     stage_ms: dict[str, float] = field(default_factory=dict)
     peak_gpu_memory_gb: float | None = None
     peak_host_memory_gb: float = 0.0
+
+
+def speech_file_for(output: Path) -> Path:
+    """Where a text job run from the command line keeps its synthesised speech: out.speech.wav."""
+    return Path(output).with_suffix(".speech.wav")
+
+
+def synthesize_text(spec: JobSpec, reuse: bool = False) -> None:
+    """A text job's speech: speaks `spec.text` with its engine and voice into `spec.audio` (a WAV file at the
+    engine's rate), which the job then decodes, resamples and trims like an uploaded file. With `reuse`, a
+    file already there is kept (a resumed job must speak exactly what the interrupted run spoke; the resume
+    state's fingerprint holds the text, engine and voice). Raises TTSError (an InputError) for empty or too
+    long text and an unknown or missing engine or voice."""
+    from liveavatar import tts
+
+    if spec.text is None:
+        return
+    if reuse and Path(spec.audio).is_file():
+        log.info("speaking the text as synthesised before: %s", spec.audio)
+        return
+    _check_output_path(Path(spec.audio))
+    t0 = time.perf_counter()
+    tts.synthesize_file(spec.text, spec.audio, spec.tts, spec.voice)
+    log.info("synthesised %d characters of text with %s (voice %s) in %.2f s", len(spec.text),
+             spec.tts or tts.DEFAULT_ENGINE, spec.voice or "default", time.perf_counter() - t0)
 
 
 def load_speech(spec: JobSpec) -> np.ndarray:
@@ -201,7 +234,7 @@ def preflight(spec: JobSpec) -> np.ndarray:
     _check_prompt(spec.prompt)
     if spec.output.suffix.lower() != ".mp4":
         raise InputError(f"{spec.output}: the output must be an .mp4 file")
-    for path, what in ((spec.image, "reference image"), (spec.audio, "audio")):
+    for path, what in ((spec.image, "reference image"), (spec.audio, "audio" if spec.text is None else "synthesised speech")):
         if not Path(path).is_file():
             raise InputError(f"{path}: {what} not found")
     if spec.speakers is not None:
@@ -379,8 +412,8 @@ def run_job(
     cuda = pipe.device.type == "cuda"
     prepare_peak = torch.cuda.max_memory_allocated() if cuda else 0  # a stream may reset the peak (offload mode)
     num_clips = cond.num_clips if spec.num_clip is None else min(spec.num_clip, cond.num_clips)
-    log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d)", cond.width, cond.height, num_clips,
-             spec.infer_frames, cond.num_clips)
+    log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d), decoder %s", cond.width, cond.height,
+             num_clips, spec.infer_frames, cond.num_clips, pipe.decoder_name)
     stream = pipe.stream(cond, settings)
     if spec.resume and not stream.resumable:
         raise InputError("--resume: this pipeline's caches live in several processes and are not saved; "
@@ -485,6 +518,7 @@ def run_job(
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary["spec"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
     summary["device"] = str(pipe.device)
+    summary["decoder"] = pipe.decoder_name
     try:
         _write_json(spec.output.with_suffix(".json"), summary)
     except OSError as e:  # the video is complete and in place; only its summary is missing

@@ -11,6 +11,7 @@ import torch
 
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.errors import LiveAvatarError
+from liveavatar.models.taehv import DecoderChoice
 
 @dataclass(frozen=True)
 class Backend:
@@ -24,6 +25,7 @@ class Backend:
     offload_model: bool = False
     gpus: int = 1
     sample_steps: int = 4  # the step count a multi-GPU pipeline is laid out for
+    decoder: DecoderChoice = DecoderChoice()  # the streams' decoder (--decoder, --decoder_path)
 
     @classmethod
     def from_args(cls, args) -> "Backend":
@@ -45,7 +47,8 @@ class Backend:
             lora = hub.resolve_lora(args.lora_path_dmd)
         layout = CheckpointLayout.from_dir(ckpt_dir, lora)
         layout.require_complete()
-        backend = cls(Path(ckpt_dir), lora, device, dtype, args.fp8, args.offload_model, gpus, sample_steps)
+        decoder = _decoder_choice(args.decoder, args.decoder_path, ckpt_dir if args.ckpt_dir is not None else None)
+        backend = cls(Path(ckpt_dir), lora, device, dtype, args.fp8, args.offload_model, gpus, sample_steps, decoder)
         backend.check_memory(layout, args.size)
         return backend
 
@@ -74,14 +77,28 @@ class Backend:
             from liveavatar.parallel.launch import CheckpointModels, start_pipeline
             from liveavatar.parallel.worker import DitOptions
 
-            return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype), self.gpus,
+            return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype, self.decoder), self.gpus,
                                   sample_steps=self.sample_steps, device_type=self.device, offload_encoders=cuda,
                                   options=DitOptions(fp8=self.fp8, fast=cuda),
                                   cpu_threads=max(1, torch.get_num_threads() // self.gpus))
         return LiveAvatarPipeline.from_pretrained(
             self.ckpt_dir, lora_file=self.lora_file, device=self.device, dtype=self.dtype,
             offload_encoders=self.offload_model or cuda, offload_transformer=self.offload_model, fp8=self.fp8,
-            kv_dtype=torch.float8_e4m3fn if self.offload_model else None, fast=cuda)
+            kv_dtype=torch.float8_e4m3fn if self.offload_model else None, fast=cuda, decoder=self.decoder)
+
+
+def _decoder_choice(name: str, path: str | None, ckpt_dir) -> DecoderChoice:
+    """--decoder and --decoder_path, resolved to a weights file that exists and is no obvious mix-up."""
+    from liveavatar.weights import hub
+    from liveavatar.weights.files import require_weights
+
+    if name == "wan":
+        if path is not None:
+            raise LiveAvatarError(f"--decoder_path {path}: only used with --decoder taew2_1 (the Wan VAE's decoder "
+                                  f"comes with --ckpt_dir)")
+        return DecoderChoice()
+    file = hub.resolve_tiny_decoder(path, ckpt_dir)
+    return DecoderChoice(name, require_weights(file, "TAEW2.1 decoder (taew2_1.pth or taew2_1.safetensors)"))
 
 
 def resolve_device(device: str | None, dtype: str | None, fp8: bool) -> tuple[str, torch.dtype]:

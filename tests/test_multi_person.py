@@ -510,3 +510,13 @@ def test_compiled_injection_matches_eager(dit):
     for layer in (0, 7):
         args = (layer, g[f"inj_L{layer}_hidden_in"], g["inj_audio_tokens"], g["inj_audio_global"], mask)
         torch.testing.assert_close(compiled.audio_injector(*args), dit.audio_injector(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_text_speaks_for_one_person(tmp_path, capsys):
+    """--text (text to speech) makes one track: several people need a speech file each."""
+    base = ["generate", "--image", str(CASE / "image.png"), "--save_file", str(tmp_path / "o.mp4"), *CPU]
+    assert main(base + ["--text", "Hello there", "--masks", MASKS]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --masks: for several speech tracks (--audio a.wav+b.wav); a --text speaks for one person")
+    assert main(base + ["--text", "Hello there", "--audio", TRACKS]) == 2
+    assert "--audio and --text: give one of them" in capsys.readouterr().err

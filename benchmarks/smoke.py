@@ -291,9 +291,13 @@ def command_checks(ctx: Context):
             raise Failed(f"the run decoded with {summary.get('decoder')}")
         if "CUDA graph capture of the TAEW2.1 decoder failed" in log.read_text():
             raise Failed("the light decoder's CUDA graph capture failed (it decoded eagerly): see light.log")
-        if diff != 0:
-            raise Failed(f"latents differ from the bf16 run by {diff:.3e} (max abs): the decoder must change none")
-        return f"141 frames, latents identical to bf16, decode {summary['stage_ms'].get('decode', 0):.1f} ms a block"
+        # Another process may time the attention kernels in another order (H100, 2026-12-06: cuDNN in one run,
+        # flash in the next, 1.9e-2 max abs apart after 12 blocks): the latents agree as closely as two bf16 runs.
+        rms = _rel_rms(_latents(lat), ctx.latents["bf16"])
+        c.figures["rel_rms_vs_bf16"] = rms
+        if not rms <= RMS_BOUNDS["bf16"]:
+            raise Failed(f"latents {rms:.3%} rms from the bf16 run: the decoder must change none")
+        return f"141 frames, latents {rms:.3%} rms from bf16, decode {summary['stage_ms'].get('decode', 0):.1f} ms a block"
 
     def light_parity(c: Check) -> str:
         folder = ctx.out / "command"

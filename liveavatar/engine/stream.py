@@ -29,7 +29,7 @@ import torch
 from liveavatar.engine import scheduler
 from liveavatar.errors import InputError
 from liveavatar.models.dit import S2VTransformer
-from liveavatar.models.fastpath import StepGraphs
+from liveavatar.models.fastpath import StepGraphs, use_attention
 from liveavatar.models.kv_cache import RingCache, SinkCache
 from liveavatar.models.offload import HostRings, fit_resident_blocks
 from liveavatar.models.taehv import NAME as TINY_DECODER
@@ -394,6 +394,8 @@ class AvatarStream:
             "decoder_name": self.decoder_name,
             "decoder": self.decoder.state_dict(),
             "rings": [r.state_dict() for r in self.rings],
+            # The fast path's attention kernel, chosen by timing: the resumed run must round as this one did.
+            "attention": getattr(self.dit, "attention_choice", None),
         }
         if self.next_block > 0:
             state["first_latent"] = self._first_latent.to("cpu", copy=True)
@@ -406,6 +408,8 @@ class AvatarStream:
         if saved != self.decoder_name:
             raise InputError(f"--resume: the interrupted run decoded with --decoder {saved}, this one with "
                              f"--decoder {self.decoder_name}; resume with --decoder {saved}")
+        if state.get("attention") is not None and getattr(self.dit, "attention_choice", None) is not None:
+            use_attention(self.dit, state["attention"])
         self.next_block = int(state["next_block"])
         self.frames_emitted = int(state["frames_emitted"])
         if "first_latent" in state:

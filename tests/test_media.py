@@ -227,6 +227,64 @@ def test_load_image_16bit_rgb(tmp_path):
     assert out[0, 0].tolist() == [255, 0, 60]
 
 
+def _quadrants(height: int, width: int) -> np.ndarray:
+    """An upright picture no turn or mirror maps onto itself: four coloured quadrants, a white top row."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    h, w = height // 2, width // 2
+    pixels[:h, :w], pixels[:h, w:] = (220, 30, 30), (30, 200, 30)  # top: red, green
+    pixels[h:, :w], pixels[h:, w:] = (30, 30, 220), (220, 220, 30)  # bottom: blue, yellow
+    pixels[:4] = 255
+    return pixels
+
+
+# How a camera stores an upright picture under each EXIF Orientation value (EXIF 2.32, tag 0x0112: where
+# the stored 0th row and 0th column lie in the picture as shown), written with numpy, not Pillow.
+_STORED = {
+    1: lambda u: u,
+    2: lambda u: u[:, ::-1],  # mirrored left-right
+    3: lambda u: u[::-1, ::-1],  # turned 180
+    4: lambda u: u[::-1],  # mirrored top-bottom
+    5: lambda u: u.transpose(1, 0, 2),  # 0th row = left side, 0th column = top
+    6: lambda u: np.rot90(u, 1),  # 0th row = right side (shown turned 90 clockwise): the phone held upright
+    7: lambda u: u.transpose(1, 0, 2)[::-1, ::-1],  # 0th row = right side, 0th column = bottom
+    8: lambda u: np.rot90(u, -1),  # 0th row = left side, 0th column = bottom
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_load_image_applies_the_exif_orientation_of_a_phone_jpeg(tmp_path, orientation):
+    """A portrait photo shown 512x640 (width x height); tags 5-8 store it 640x512 (a phone's sensor)."""
+    upright = _quadrants(640, 512)
+    stored = np.ascontiguousarray(_STORED[orientation](upright))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"phone-{orientation}.jpg"
+    Image.fromarray(stored).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    data = path.read_bytes()
+    assert b"Exif\x00\x00" in data[:64]  # a real APP1 Exif segment
+    with Image.open(path) as raw:
+        assert raw.size == (stored.shape[1], stored.shape[0]) and raw.getexif()[0x0112] == orientation
+
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (512, 640)  # shown size: portrait, whatever the storage
+    diff = np.abs(np.asarray(out).astype(int) - upright.astype(int))
+    assert diff.mean() < 3 and np.percentile(diff, 99) < 40  # JPEG loss only, at the colour edges
+    assert output_size(out.height, out.width, parse_size("384*256")) == (320, 256)  # a portrait video (H, W)
+
+
+def test_load_image_ignores_a_broken_exif_block(tmp_path):
+    path = tmp_path / "broken.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_quadrants(64, 48)).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    data = bytearray(path.read_bytes())
+    at = data.index(b"Exif\x00\x00") + 6
+    data[at : at + 8] = b"XX\xff\xff\xff\xff\xff\xff"  # not a TIFF header: the tag cannot be read
+    path.write_bytes(bytes(data))
+    out = load_image(path)
+    assert out.size == (48, 64)  # as stored
+
+
 # -- audio -----------------------------------------------------------------------------------
 
 

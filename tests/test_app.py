@@ -67,6 +67,27 @@ def test_generate_streams_one_playable_chunk_per_block_then_the_mp4(app):
     assert all(o[2] is None for o in outputs[:-1]), "the download appears only at the end"
 
 
+def test_chunks_and_download_carry_the_uploads_own_rate_and_channels(app, tmp_path):
+    from test_server import stereo_wav
+
+    from liveavatar.media.video import read_audio
+
+    demo, _ = app
+    voice = tmp_path / "voice.wav"
+    voice.write_bytes(stereo_wav(1.0))  # 44.1 kHz stereo, 1 s: the video ends with it, 25 frames
+    outputs = list(run_generate(demo, audio=str(voice), num_clip=0))
+    chunks = [o[0] for o in outputs if isinstance(o[0], str)]
+    assert len(chunks) == 3 and outputs[-1][1].startswith("Done: 25 frames (128x128)")
+    total = 0
+    for chunk in chunks[-2:]:  # the app keeps the newest two
+        planes, rate, layout = read_audio(chunk)
+        assert (rate, layout) == (44100, "stereo")
+        total += len(read_video(chunk)[0])
+    assert total == 25 - 9  # blocks 1 and 2: 12 frames, then the last 4 (the video stops with the speech)
+    planes, rate, layout = read_audio(outputs[-1][2])
+    assert (rate, layout) == (44100, "stereo") and abs(planes.shape[1] / rate - 1.0) < 0.03
+
+
 def test_cancel_stops_the_job_and_offers_what_was_made(app):
     demo, worker = app
     outputs = run_generate(demo, num_clip=3)

@@ -30,7 +30,7 @@ def test_generate_case_T_matches_original(tmp_path, capsys):
     code = main([
         "generate", "--image", str(CASE_T / "image.png"), "--audio", str(CASE_T / "audio.wav"),
         "--prompt", (CASE_T / "prompt.txt").read_text(), "--size", "384*256", "--base_seed", "11",
-        "--num_clip", "3", "--save_file", str(out), "--save-latents", str(lat), *CPU,
+        "--num_clip", "3", "--save_file", str(out), "--save-latents", str(lat), "--original_timing", *CPU,
     ])
     assert code == 0
     assert capsys.readouterr().out.strip() == str(out)
@@ -42,8 +42,8 @@ def test_generate_case_T_matches_original(tmp_path, capsys):
     frames, fps, audio, rate = read_video(out)
     assert frames.shape == (141, 256, 384, 3) and fps == 25
     assert rate == 16000 and audio is not None
-    # The speech is muxed from input time 3/25 s (the first 3 generated frames are dropped), and ends
-    # with the video or the audio, whichever is shorter.
+    # The original's timing: the speech is muxed from input time 3/25 s (the first 3 generated frames are
+    # dropped), and ends with the video or the audio, whichever is shorter.
     assert abs(len(audio) / rate - min(141 / 25, 5.0 - 3 / 25)) < 0.1
     assert not Path(str(out) + ".partial").exists() and not Path(str(out) + ".resume").exists()
     summary = json.loads(out.with_suffix(".json").read_text())
@@ -95,7 +95,7 @@ def test_notice_flags_are_accepted(tmp_path, capsys):
     assert code == 0
     assert "--enable_online_decode: accepted; decoding is always online" in capsys.readouterr().err
     frames, *_ = read_video(tmp_path / "o.mp4")
-    assert frames.shape == (45, 192, 256, 3)
+    assert frames.shape == (30, 192, 256, 3)  # the 1.2 s of speech, from its first sample to its last
 
 
 def _generate_cmd(out: Path, latents: Path, resume: bool = False) -> list[str]:
@@ -123,7 +123,7 @@ def _assert_same_as(out: Path, lat: Path, reference) -> None:
     assert torch.equal(load_file(str(lat))["latents"], load_file(str(ref_lat))["latents"])
     got, _, got_audio, _ = read_video(out)
     want, _, want_audio, _ = read_video(ref_out)
-    assert got.shape == want.shape == (141, 192, 256, 3)
+    assert got.shape == want.shape == (125, 192, 256, 3)  # 5 s of speech
     assert np.array_equal(got, want)
     assert np.array_equal(got_audio, want_audio)
     assert not Path(str(out) + ".partial").exists() and not Path(str(out) + ".resume").exists()
@@ -224,7 +224,7 @@ def test_sink_frame_option_reaches_the_job(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run_job(pipe, spec, should_stop=None):
+    def fake_run_job(pipe, spec, should_stop=None, **options):
         seen["rolling_sink"] = spec.rolling_sink
         return iter(())
 

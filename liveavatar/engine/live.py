@@ -6,6 +6,12 @@ once real time has passed the window's end, whatever has arrived, with silence i
 with no speech at all give zero audio features, which is what the model sees past the end of a speech
 file, so the avatar idles and the stream goes on until the session is closed.
 
+The stream drops its first 3 frames (120 ms). As in a job (liveavatar.engine.job), the first window puts
+120 ms of silence in front of the speech (it takes 0.36 s of speech, not 0.48 s), so the dropped frames
+show that silence and every pushed sample is spoken and sent: the video's frame j shows the speech at j / 25 s
+(plus whatever silence a late window got). The session's sound track is the pushed speech itself: 16 kHz
+mono, the rate and channels the protocol carries.
+
 Speech features are computed per window: wav2vec2 over the window with up to `CONTEXT_S` of the speech
 before it and `RIGHT_PAD_FRAMES` of silence after it. A whole-file computation gives every frame the
 whole file as context, including speech that a live stream has not heard yet, so live features cannot
@@ -73,10 +79,11 @@ class LiveSpeech:
     arrived or its time has passed, and raises SessionClosed once `close()` is called.
     """
 
-    def __init__(self, encoder: AudioEncoder, fps: int = 25):
+    def __init__(self, encoder: AudioEncoder, fps: int = 25, lead_in_frames: int = DROPPED_FIRST_FRAMES):
         self.encoder = encoder
         self.fps = fps
         self.samples_per_frame = SAMPLE_RATE // fps
+        self.lead_in = lead_in_frames * self.samples_per_frame  # silence in front of the first window's speech
         config = encoder.model.config
         self.feature_shape = (1, config.num_hidden_layers + 1, config.hidden_size)
         self._queue: list[np.ndarray] = []
@@ -124,15 +131,16 @@ class LiveSpeech:
 
     def _next_window(self, k: int, frames: int) -> SpeechWindow:
         size = frames * self.samples_per_frame
+        wanted = size - (self.lead_in if k == 0 else 0)  # the first window starts with the lead-in silence
         with self._lock:
             if self._clock_start is None:
                 self._clock_start = time.monotonic()
             deadline = self._clock_start + (k + 1) * size / SAMPLE_RATE + JITTER_S
-            while not self._closed and self._queued < size and time.monotonic() < deadline:
+            while not self._closed and self._queued < wanted and time.monotonic() < deadline:
                 self._lock.wait(deadline - time.monotonic())
             if self._closed:
                 raise SessionClosed("the live session was closed")
-            speech = self._take(size)
+            speech = self._take(wanted)
             start = self._spoken
             self._spoken += len(speech)
         # Speech that arrived after the window started belongs at its end: it is the newest sound.
@@ -402,7 +410,7 @@ class LiveSession:
         for block in stream.blocks(UNBOUNDED_CLIPS):
             window = speech.window(block.index)
             sound = window.samples
-            if block.index == 0:  # the stream's first frames are dropped; so is their sound
+            if block.index == 0:  # the stream's first frames are dropped, and with them the lead-in silence
                 sound = sound[DROPPED_FIRST_FRAMES * speech.samples_per_frame :]
             data, keyframe_at = muxer.write_block(block.frames.numpy(), sound)
             info = LiveBlock(

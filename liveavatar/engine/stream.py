@@ -100,6 +100,12 @@ class Block:
         return start, start + len(self.frames) / 25
 
 
+def total_blocks(settings: StreamSettings, num_clips: int, num_blocks: int | None = None) -> int:
+    """The blocks a stream of num_clips clips runs, cut at num_blocks if given."""
+    total = num_clips * settings.blocks_per_clip
+    return total if num_blocks is None else min(total, num_blocks)
+
+
 def start_decoder(vae: WanVAE, motion_latents: torch.Tensor) -> StreamingDecoder:
     """The stream's decoder: the oldest motion latents are decoded once and their frames thrown away, so
     its causal caches hold the still reference when the first block arrives."""
@@ -248,12 +254,13 @@ class AvatarStream:
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
-    def blocks(self, num_clips: int) -> Iterator[Block]:
-        """Yields blocks next_block.. up to num_clips clips. The steps of block k+1 are enqueued right after the
-        decode of block k, before the host waits for its frames (except after block 0, whose frames come first
-        as fast as possible): nothing waits for the GPU except the hand-over of finished frames, and the
-        GPU has the next block's work while the caller muxes."""
-        total = num_clips * self.settings.blocks_per_clip
+    def blocks(self, num_clips: int, num_blocks: int | None = None) -> Iterator[Block]:
+        """Yields blocks next_block.. up to num_clips clips, or up to block num_blocks - 1 if that comes first (a
+        video that ends with its speech needs no whole last clip). The steps of block k+1 are enqueued right
+        after the decode of block k, before the host waits for its frames (except after block 0, whose frames
+        come first as fast as possible): nothing waits for the GPU except the hand-over of finished frames, and
+        the GPU has the next block's work while the caller muxes."""
+        total = total_blocks(self.settings, num_clips, num_blocks)
         while self.next_block < total:
             k = self.next_block
             if self._ahead is None:

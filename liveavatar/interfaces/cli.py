@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(o, "save_dir", type=Path, default=Path("outputs"), help="folder for the default output name (default: %(default)s)")
     _add(o, "save_latents", type=Path, help="also write every latent frame to this safetensors file (key 'latents', float32 [16, T, h, w]; held in RAM)")
     _add(o, "resume", action="store_true", help="continue an interrupted run of the same command from its last completed clip")
+    _add(o, "overwrite", action="store_true", help="start over: delete an interrupted run's partial video and resume "
+         "states instead of refusing to run")
 
     s = gen.add_argument_group("generation")
     _add(s, "size", default="704*384", help="pixel budget W*H; the aspect ratio comes from the image. Presets: 720*400, 704*384, 688*368, 384*256 (default: %(default)s)")
@@ -77,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="identity anchor: 'rolling' (default, the real-time pipeline) makes the first generated frame the "
               "reference after clip 0; 'reference' keeps the input image for the whole video")
     _add(s, "base_seed", type=int, default=42, help="seed: the same seed gives the same video on any device (default: %(default)s)")
+    _add(s, "original_timing", action="store_true",
+         help="the original's exact timing (what the golden parity tests check): the model hears the speech from its "
+              "first sample and the video starts 120 ms into it. By default 120 ms of silence go in front of the speech "
+              "the model hears, so the video has the whole speech")
 
     _add_model_args(gen.add_argument_group("model and device"))
 
@@ -215,12 +221,16 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
         infer_frames=args.infer_frames, sample_steps=args.sample_steps, seed=args.base_seed,
         save_latents=args.save_latents, resume=args.resume, trim_silence=args.trim_silence,
         normalize_loudness=args.normalize_loudness, rolling_sink=args.sink_frame == "rolling",
+        lead_in=not args.original_timing, overwrite=args.overwrite,
     )
-    preflight(spec)
+    warnings: list[str] = []
+    preflight(spec, warnings)
     _setup_logging(args.log_level, output.with_suffix(".log"))  # only once the output folder is known good
     log.info("run: %s", " ".join(sys.argv))
     for notice in notices:
         log.info("%s", notice)
+    for warning in warnings:  # before anything loads: a small image, --num_clip beyond the speech
+        log.warning("%s", warning)
     log.info("device %s (%s), torch %s", device, dtype, torch.__version__)
     pipe = Backend.from_args(args).open()
     bar = None
@@ -228,12 +238,13 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     if gpu_csv is not None:
         gpu_csv.write_text("block,elapsed_s,allocated_gb,reserved_gb\n")
     try:
-        for item in run_job(pipe, spec, should_stop=lambda: stop.requested):
+        for item in run_job(pipe, spec, should_stop=lambda: stop.requested, log_notices=False):
             if isinstance(item, JobResult):
                 if bar is not None:
                     bar.close()
                 log.info("wrote %s: %d frames %dx%d in %.1f s (%.2f FPS generated, first frame after %.2f s)",
-                         item.output, item.frames, item.width, item.height, item.seconds, item.fps, item.first_frame_s)
+                         item.output, item.frames, item.width, item.height, item.seconds, item.generation_fps,
+                         item.first_frame_s)
                 log.info("mean per block (ms): %s", {k: round(v, 1) for k, v in item.stage_ms.items()})
                 gpu = f", GPU {item.peak_gpu_memory_gb:.2f} GiB" if item.peak_gpu_memory_gb is not None else ""
                 log.info("peak memory: host %.2f GiB%s", item.peak_host_memory_gb, gpu)

@@ -154,12 +154,15 @@ def _job_view(worker: EngineWorker, task: JobTask) -> dict:
         p = task.progress
         view["progress"] = {"blocks_done": p.blocks_done, "blocks_total": p.blocks_total, "frames_done": p.frames_done,
                             "frames_total": p.frames_total, "elapsed_s": round(p.elapsed_s, 3)}
+        if p.notices:
+            view["notices"] = list(p.notices)
     if task.first_block_s is not None:
         view["first_block_s"] = round(task.first_block_s, 3)
     if task.result is not None:
         r: JobResult = task.result
         view["result"] = {"frames": r.frames, "clips": r.clips, "width": r.width, "height": r.height,
-                          "seconds": round(r.seconds, 3), "fps": round(r.fps, 3), "first_frame_s": round(r.first_frame_s, 3)}
+                          "seconds": round(r.seconds, 3), "generation_fps": round(r.generation_fps, 3),
+                          "first_frame_s": round(r.first_frame_s, 3), "notices": r.notices}
     return view
 
 

@@ -107,6 +107,18 @@ def output_size(image_h: int, image_w: int, area: int) -> tuple[int, int]:
     return height, width
 
 
+def small_image_notice(image_w: int, image_h: int, out_w: int, out_h: int, area: int, size_text: str) -> str | None:
+    """A word for an image so small that the video comes out at less than half of the ``--size`` budget (an image
+    is never scaled up, only its sides rounded up to multiples of 64); None otherwise."""
+    if 2 * out_w * out_h > area:
+        return None
+    need_w = math.ceil(math.sqrt(area * image_w / image_h))
+    need_h = math.ceil(math.sqrt(area * image_h / image_w))
+    return (f"the image is {image_w}x{image_h} pixels, smaller than --size {size_text.strip()} asks for: the video "
+            f"will be {out_w}x{out_h} (an image is not scaled up to fill --size); for a video of about that size use "
+            f"an image of at least {need_w}x{need_h} pixels, or pass a smaller --size")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Converts any Pillow mode to 8-bit RGB.
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -235,3 +237,76 @@ def test_sink_frame_option_reaches_the_job(monkeypatch, tmp_path):
     assert seen == {"rolling_sink": False}
     cli.main(args)
     assert seen == {"rolling_sink": True}
+
+
+# -- first steps: what a new user meets ------------------------------------------------------------------
+
+
+def _t1(tmp_path, *extra) -> list[str]:
+    return ["generate", "--image", str(CASE_T1 / "image.png"), "--audio", str(CASE_T1 / "audio.wav"),
+            "--size", "128*128", "--save_file", str(tmp_path / "out.mp4"), *extra]
+
+
+def test_no_gpu_is_said_before_any_download(tmp_path, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from liveavatar.weights import hub
+
+    def no_network():
+        raise AssertionError("the hub was asked for the weights")
+
+    monkeypatch.setattr(hub, "_hub", no_network)
+    for argv in (_t1(tmp_path), ["serve"], ["app"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: no CUDA GPU found"), err
+        assert "nothing was downloaded or loaded" in err[0] and "pass --device cpu" in err[0]
+    assert not (tmp_path / "out.log").exists()
+
+
+@pytest.mark.parametrize("command, module", [("app", "gradio"), ("serve", "uvicorn"), ("serve", "fastapi")])
+def test_app_and_serve_without_the_app_extra_name_it(capsys, monkeypatch, command, module):
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package gives: an ImportError
+    for name in ("liveavatar.interfaces.app", "liveavatar.interfaces.server"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert main([command, "--ckpt_dir", str(CKPT), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: `liveavatar {command}` needs the optional 'app' extra ({module} not installed): run bash "
+                   f"scripts/setup.sh app, or pip install -e '.[app]' in the checkout"]
+
+
+def test_an_old_resume_state_names_both_leftovers_and_overwrite_starts_over(tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    partial, states = Path(str(out) + ".partial"), Path(str(out) + ".resume")
+    partial.write_bytes(b"\0\0\0\x08free")  # what an interrupted run of an earlier version left
+    states.mkdir()
+    torch.save({"stream": {"next_block": 4, "frames_emitted": 0}, "fingerprint": "old"}, states / "state-000000004.pt")
+
+    assert main(_t1(tmp_path, *CPU)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {partial} exists from an interrupted run: pass --resume to continue it, or --overwrite to start over")
+    assert main(_t1(tmp_path, *CPU, "--resume")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {states / 'state-000000004.pt'}: saved by an earlier liveavatar")
+    assert last.endswith(f"delete {states} and {partial}, or rerun with --overwrite, to start over")
+    assert main(_t1(tmp_path, *CPU, "--resume", "--overwrite")) == 2
+    assert "--resume and --overwrite: choose one" in capsys.readouterr().err
+
+    prompt = "It's a \"test\" $HOME  two  spaces"
+    argv = _t1(tmp_path, *CPU, "--overwrite", "--prompt", prompt)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert out.exists() and not partial.exists() and not states.exists()
+    frames, *_ = read_video(out)
+    assert len(frames) == 30  # 1.2 s of speech
+
+    # The run log's command line pastes back into a shell: it splits into exactly the arguments given.
+    run_line = [line for line in out.with_suffix(".log").read_text().splitlines() if " run: " in line][-1]
+    assert shlex.split(run_line.split(" run: ", 1)[1]) == ["liveavatar", *argv]
+    # The progress bar's rate is a real one from its first display on (was 67168 frame/s after the first block).
+    rates = [float(r) for r in re.findall(r"([\d.]+)frame/s", err)]
+    assert rates and all(r < 1000 for r in rates), rates
+    # The summary names the generation speed for what it is; the video's frame rate is spec.fps.
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert "fps" not in summary and summary["generation_fps"] > 0 and summary["spec"]["fps"] == 25
+    assert summary["frames"] == 30 and summary["audio"]["video_s"] == 1.2 and summary["audio"]["speech_s"] == 1.2

@@ -65,9 +65,19 @@ class Backend:
             kv_dtype=torch.float8_e4m3fn if self.offload_model else None, fast=cuda)
 
 
+NO_GPU = ("no CUDA GPU found (torch sees none): the 14B model needs an NVIDIA GPU with 24 GB or more, so nothing was "
+          "downloaded or loaded; on a GPU machine run bash scripts/setup.sh (it installs a CUDA build of torch), or pass "
+          "--device cpu to run on the CPU anyway (hours per second of video; the weights, about 50 GB, are downloaded "
+          "unless --ckpt_dir has them)")
+
+
 def resolve_device(device: str | None, dtype: str | None, fp8: bool) -> tuple[str, torch.dtype]:
-    """(device, dtype): cuda when available, bfloat16 on a GPU and float32 on the CPU."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """(device, dtype): cuda when available, bfloat16 on a GPU and float32 on the CPU. Without --device and
+    without a GPU this refuses, before anything is downloaded or loaded: the released model does not run on a
+    CPU in any useful time, and a CPU run has to be asked for."""
+    if device is None and not torch.cuda.is_available():
+        raise LiveAvatarError(NO_GPU)
+    device = device or "cuda"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LiveAvatarError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
     dtype_name = dtype or ("bfloat16" if device.startswith("cuda") else "float32")

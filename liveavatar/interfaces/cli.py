@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -226,7 +228,7 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     warnings: list[str] = []
     preflight(spec, warnings)
     _setup_logging(args.log_level, output.with_suffix(".log"))  # only once the output folder is known good
-    log.info("run: %s", " ".join(sys.argv))
+    log.info("run: %s", shlex.join(["liveavatar", *args.argv]))  # pastes back into a shell
     for notice in notices:
         log.info("%s", notice)
     for warning in warnings:  # before anything loads: a small image, --num_clip beyond the speech
@@ -251,9 +253,12 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
                 _print_path(item.output)
                 return 0
             if bar is None:
-                bar = tqdm(total=item.frames_total, initial=item.frames_done - len(item.block.frames), unit="frame",
-                           desc="generating", dynamic_ncols=True)
-            bar.update(len(item.block.frames))
+                # Started with the first block already counted: its frames took the whole start-up, and counting
+                # them as one update at once would show thousands of frames per second.
+                bar = tqdm(total=item.frames_total, initial=item.frames_done, unit="frame", desc="generating",
+                           dynamic_ncols=True)
+            else:
+                bar.update(len(item.block.frames))
             bar.set_postfix(clip=item.block.clip, block=f"{item.blocks_done}/{item.blocks_total}")
             if gpu_csv is not None:
                 with gpu_csv.open("a") as f:
@@ -276,13 +281,38 @@ def _print_path(path: Path) -> None:
         print(os.fsdecode(path))
 
 
+# What `app` and `serve` import from the optional 'app' extra (pyproject.toml), checked before any model loads.
+APP_EXTRA_MODULES = {"app": ("gradio",), "serve": ("fastapi", "uvicorn", "python_multipart", "websockets")}
+APP_EXTRA_PACKAGES = {"gradio", "fastapi", "starlette", "uvicorn", "python_multipart", "multipart", "websockets"}
+
+
+def _require_app_extra(command: str) -> None:
+    missing = []
+    for module in APP_EXTRA_MODULES[command]:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if (e.name or module).split(".")[0] not in APP_EXTRA_PACKAGES:
+                raise
+            missing.append((e.name or module).split(".")[0])
+    if missing:
+        raise LiveAvatarError(_missing_extra(command, missing))
+
+
+def _missing_extra(command: str, missing: list[str]) -> str:
+    return (f"`liveavatar {command}` needs the optional 'app' extra ({', '.join(missing)} not installed): run "
+            f"bash scripts/setup.sh app, or pip install -e '.[app]' in the checkout")
+
+
 def cmd_app(args, *_unused) -> int:  # Gradio and uvicorn handle Ctrl-C themselves
+    _require_app_extra("app")
     from liveavatar.interfaces import app
 
     return app.main(args)
 
 
 def cmd_serve(args, *_unused) -> int:
+    _require_app_extra("serve")
     from liveavatar.interfaces import server
 
     return server.main(args)
@@ -318,7 +348,9 @@ def _log_to_files(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     stop = _StopFlag()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -211,7 +211,7 @@ def test_a_small_image_is_named_with_the_size_that_comes_out(tmp_path, capsys, n
         main(["generate", "--image", str(small), "--audio", str(speech), "--save_file", str(tmp_path / "o.mp4"),
               "--size", "256*256", "--ckpt_dir", str(CKPT), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert ("WARNING liveavatar.interfaces.cli: the image is 64x64 pixels, smaller than --size 256*256 asks for: the "
+    assert ("WARNING liveavatar: the image is 64x64 pixels, smaller than --size 256*256 asks for: the "
             "video will be 64x64 (an image is not scaled up to fill --size); for a video of about that size use an "
             "image of at least 256x256 pixels, or pass a smaller --size") in err
     assert "the image is 64x64" in (tmp_path / "o.log").read_text()  # in the run log too
@@ -234,7 +234,7 @@ def test_num_clip_beyond_the_speech_is_said_on_the_console(tmp_path, capsys, no_
     with pytest.raises(AssertionError, match="the models started loading"):
         main(["generate", "--image", str(face), "--audio", str(speech), "--save_file", str(tmp_path / "o.mp4"),
               "--size", SIZE, "--num_clip", "5", "--ckpt_dir", str(CKPT), "--device", "cpu"])
-    assert ("WARNING liveavatar.interfaces.cli: --num_clip 5: the speech covers only 1 clip(s) of 48 frames; "
+    assert ("WARNING liveavatar: --num_clip 5: the speech covers only 1 clip(s) of 48 frames; "
             "generating 1 (a longer speech makes more)") in capsys.readouterr().err
 
 

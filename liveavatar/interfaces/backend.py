@@ -72,9 +72,9 @@ NO_GPU = ("no CUDA GPU found (torch sees none): the 14B model needs an NVIDIA GP
 
 
 def resolve_device(device: str | None, dtype: str | None, fp8: bool) -> tuple[str, torch.dtype]:
-    """(device, dtype): cuda when available, bfloat16 on a GPU and float32 on the CPU. Without --device and
-    without a GPU this refuses, before anything is downloaded or loaded: the released model does not run on a
-    CPU in any useful time, and a CPU run has to be asked for."""
+    """(device, dtype): cuda unless a device is given, bfloat16 on a GPU and float32 on the CPU. Without --device
+    and without a GPU this refuses (NO_GPU), before anything is downloaded or loaded: the released model does not
+    run on a CPU in any useful time, and a CPU run has to be asked for."""
     if device is None and not torch.cuda.is_available():
         raise LiveAvatarError(NO_GPU)
     device = device or "cuda"

@@ -209,12 +209,13 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     from tqdm import tqdm
 
     from liveavatar.engine.job import JobResult, JobSpec, preflight, run_job
-    from liveavatar.interfaces.backend import Backend, resolve_device
+    from liveavatar.interfaces.backend import NO_GPU, Backend, resolve_device
 
     output = args.save_file or _default_output(args)
     _setup_logging(args.log_level, None)
     notices = _check_compat(args)
-    device, dtype = resolve_device(args.device, args.dtype, args.fp8)
+    # Without --device and without a GPU, NO_GPU is said after the inputs are checked, before anything loads.
+    device, dtype = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype, args.fp8)
     if args.gpus != 1 and args.resume:
         raise LiveAvatarError("--resume: a run on several GPUs keeps its caches in several processes and cannot be "
                               "resumed; use --gpus 1")
@@ -227,6 +228,8 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     )
     warnings: list[str] = []
     preflight(spec, warnings)
+    if args.device is None and not torch.cuda.is_available():
+        raise LiveAvatarError(NO_GPU)  # before the weights are looked for (a first run downloads 50 GB)
     _setup_logging(args.log_level, output.with_suffix(".log"))  # only once the output folder is known good
     log.info("run: %s", shlex.join(["liveavatar", *args.argv]))  # pastes back into a shell
     for notice in notices:

@@ -43,7 +43,7 @@ class Conditioning:
     text_context: torch.Tensor  # [L, 4096]
     audio: object  # an AudioSource (per-block features)
     num_clips: int  # clips the audio covers
-    wave: np.ndarray  # 16 kHz mono speech, for muxing
+    wave: np.ndarray  # the 16 kHz mono speech the model hears (a job's has its lead-in silence in front)
 
 
 class LiveAvatarPipeline:

@@ -215,7 +215,8 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     _setup_logging(args.log_level, None)
     notices = _check_compat(args)
     # Without --device and without a GPU, NO_GPU is said after the inputs are checked, before anything loads.
-    device, dtype = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype, args.fp8)
+    device, dtype = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype,
+                                   args.fp8)
     if args.gpus != 1 and args.resume:
         raise LiveAvatarError("--resume: a run on several GPUs keeps its caches in several processes and cannot be "
                               "resumed; use --gpus 1")

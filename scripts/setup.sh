@@ -3,6 +3,8 @@
 #   bash scripts/setup.sh          # the package and its command
 #   bash scripts/setup.sh dev      # + test tools
 #   bash scripts/setup.sh app,dev  # + web UI / server
+#   bash scripts/setup.sh tts      # + Piper's neural voices for --text (the built-in engine is eSpeak NG, a
+#                                  #   system package: apt-get install espeak-ng / brew install espeak-ng)
 # An installed torch is kept as it is (a CUDA build stays a CUDA build). Without one, a CUDA build is
 # installed on machines with an NVIDIA driver and the CPU build elsewhere (never a multi-GB CUDA
 # download on a CPU-only machine).
@@ -31,3 +33,4 @@ target="."
 [ -n "$extras" ] && target=".[$extras]"
 "$PY" -m pip install -q -c "$constraints" -e "$target"
 "$PY" -c "import torch, liveavatar; print(f'liveavatar {liveavatar.__version__} installed (torch {torch.__version__}, CUDA: {torch.cuda.is_available()})')"
+command -v espeak-ng >/dev/null 2>&1 || echo "note: --text (text to speech) needs eSpeak NG: apt-get install espeak-ng (Debian/Ubuntu) or brew install espeak-ng (macOS)"

@@ -1,8 +1,11 @@
 """The Gradio web UI (`liveavatar app`): its generate handler streams playable chunks and ends with the MP4,
 Cancel stops the job, bad inputs are named, and starting it opens no connection off this machine."""
 
+import shutil
 import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -37,10 +40,10 @@ def handler(demo, name):
     return next(f.fn for f in demo.fns.values() if f.name == name)
 
 
-def run_generate(demo, image=FACE, audio=SPEECH, num_clip=1, **changes):
+def run_generate(demo, image=FACE, audio=SPEECH, num_clip=1, text="", tts=None, voice=None, **changes):
     values = {**INPUTS, **changes}
     return handler(demo, "generate")(image, audio, values["prompt"], values["size"], num_clip, values["sample_steps"],
-                                     values["seed"], values["trim_silence"], values["normalize_loudness"])
+                                     values["seed"], values["trim_silence"], values["normalize_loudness"], text, tts, voice)
 
 
 def test_generate_streams_one_playable_chunk_per_block_then_the_mp4(app):
@@ -140,3 +143,47 @@ def test_launch_binds_loopback_and_connects_nowhere_else(app):
         active[0] = False
     hosts = {target[0] if isinstance(target, tuple) else target for _, target in seen}
     assert hosts and hosts <= {"127.0.0.1", "localhost", "::1"}, seen
+
+
+requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="eSpeak NG is not installed")
+
+
+@requires_espeak
+def test_generate_from_text_speaks_it(app):
+    from liveavatar import tts
+    from liveavatar.media.audio import load_audio
+    from liveavatar.tts.speaker import to_speech_rate
+
+    text = "Hello there. I read what you type."
+    outputs, chunk_sounds = [], []
+    for output in run_generate(demo=app[0], audio=None, num_clip=0, text=text, tts="espeak", voice="en-gb"):
+        outputs.append(output)
+        if isinstance(output[0], str):  # kept when handed over (the app deletes all but the newest two)
+            kept = output[0] + ".kept.mp4"
+            shutil.copyfile(output[0], kept)
+            chunk_sounds.append(kept)
+    done = outputs[-1]
+    assert done[1].startswith("Done: ") and done[2].endswith("output.mp4")
+    speech = to_speech_rate(tts.synthesize(text, "espeak", "en-gb"))
+    frames, *_ = read_video(done[2])
+    assert len(frames) == -(-len(speech) // 640), "the video ends with the speech"
+    audio = load_audio(done[2])  # the sound track at 16 kHz: the whole speech, from its first sample
+    n = min(len(audio), len(speech))
+    assert abs(len(audio) - len(speech)) < 0.05 * 16000
+    assert np.corrcoef(audio[:n], speech[:n])[0, 1] > 0.95
+    assert len(chunk_sounds) == -(-(len(frames) - 9) // 12) + 1  # a chunk a block: 9 frames, then 12 each
+    first = load_audio(chunk_sounds[0])
+    assert np.corrcoef(first[:4000], speech[:4000])[0, 1] > 0.9, "the chunks that play carry the speech too"
+
+
+@requires_espeak
+def test_text_input_errors_are_named(app):
+    demo, _ = app
+    with pytest.raises(gr.Error, match="Add speech .*, or type a text to speak"):
+        next(run_generate(demo, audio=None, text="   "))
+    with pytest.raises(gr.Error, match="Give either speech or a text to speak, not both"):
+        next(run_generate(demo, text="Hello."))
+    with pytest.raises(gr.Error, match="Text to speech: unknown espeak voice 'xx-nowhere'"):
+        next(run_generate(demo, audio=None, text="Hello.", voice="xx-nowhere"))
+    with pytest.raises(gr.Error, match="Text to speech: the text is 5001 characters long; the limit is 5000"):
+        next(run_generate(demo, audio=None, text="x" * 5001))

@@ -2,6 +2,7 @@
 plays while the job is still generating, the live session plays back, and the screenshots are not blank."""
 
 import io
+import shutil
 import time
 from pathlib import Path
 
@@ -154,3 +155,91 @@ def test_player_page_live_session_plays_back(server, page, tmp_path):
     page.click("#session-stop")
     page.wait_for_function("() => window.liveavatar.session.ended", timeout=60000)
     assert page.evaluate("() => window.liveavatar.session.error") is None
+
+
+requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="eSpeak NG is not installed")
+TEXT = "Hello there. I am a talking avatar, and I read what you type."
+
+
+@requires_espeak
+def test_gradio_app_speaks_typed_text(worker, page, tmp_path):
+    from liveavatar import tts
+    from liveavatar.engine.audio_source import clips_covered
+    from liveavatar.media.video import read_video
+    from liveavatar.tts.speaker import to_speech_rate
+
+    demo = build_app(worker, tmp_path, default_size="128*128")
+    port = free_port()
+    demo.queue(max_size=2).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                                  theme=THEME)
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.set_input_files("#image input[type=file]", FACE)
+        page.wait_for_selector("#image img", timeout=30000)
+        page.locator("#text textarea").type(TEXT)  # typed, key by key
+        t0 = time.perf_counter()
+        page.click("#generate")
+        record = watch_playback(page, "#video video", "!!document.querySelector('#download a')")
+        status = page.inner_text("#status")
+        speech = to_speech_rate(tts.synthesize(TEXT))
+        frames = clips_covered(len(speech)) * 48 - 3
+        assert status.startswith(f"Done: {frames} frames (128x128)"), status
+        assert record["played_before_end"] > 0, "the video did not play before the job finished"
+        print(f"\napp (text): video playing {record['first_play_poll'] * POLL_MS / 1000:.1f} s after Generate; job done "
+              f"after {time.perf_counter() - t0:.1f} s; {status}")
+        # What the page offers to download is the video with the typed text spoken.
+        href = page.get_attribute("#download a", "href")
+        response = page.request.get(href if href.startswith("http") else f"http://127.0.0.1:{port}{href}")
+        assert response.ok
+        (tmp_path / "download.mp4").write_bytes(response.body())
+        video, _, audio, _ = read_video(tmp_path / "download.mp4")
+        shown = speech[3 * 640:]
+        n = min(len(audio), len(shown))
+        assert len(video) == frames and np.corrcoef(audio[:n], shown[:n])[0, 1] > 0.95
+        assert_not_blank(page.locator("#video video").screenshot(), "app video (text)", tmp_path / "app-text.png")
+        page.screenshot(path=str(tmp_path / "app-text-page.png"), full_page=True)
+        assert page.hosts == {f"127.0.0.1:{port}"}, page.hosts
+    finally:
+        demo.close()
+
+
+@requires_espeak
+def test_player_page_job_and_live_session_speak_text(server, page, tmp_path):
+    page.goto(f"{server}/player")
+    page.set_input_files("#job-form input[name=image]", FACE)
+    page.locator("#job-text").type("Hello. I read what you type.")
+    page.fill("#job-form input[name=size]", "128*128")
+    page.click("#job-start")
+    record = watch_playback(page, "#job-video", "!!window.liveavatar.job && "
+                            "['done', 'failed'].includes(window.liveavatar.job.state)")
+    view = page.evaluate("() => window.liveavatar.job.view")
+    assert view["state"] == "done", view
+    assert record["played_before_end"] > 0, "the text job's live MP4 did not play before the job finished"
+    assert view["result"]["frames"] > 45, "the video covers the spoken text (more than one clip)"
+    assert page.is_visible("#job-download")
+
+    page.goto(f"{server}/player")
+    page.set_input_files("#session-form input[name=image]", FACE)
+    page.fill("#session-form input[name=size]", "128*128")
+    page.locator("#session-text").type(TEXT)
+    page.click("#session-start")
+    # Played while the text is spoken: blocks driven by its speech arrive, and all of it is spoken in the end.
+    for _ in range(MAX_POLLS):
+        state = page.evaluate("() => window.liveavatar.session")
+        said = sum(s["speech_samples"] for s in state["said"]) if state else 0
+        spoken = sum(b["speech_samples"] for b in state["blocks"]) if state else 0
+        if said and spoken == said and len(state["said"]) == 2:
+            break
+        page.wait_for_timeout(POLL_MS)
+    assert [s["text"] for s in state["said"]] == ["Hello there.", "I am a talking avatar, and I read what you type."]
+    assert spoken == said and sum(1 for b in state["blocks"] if b["speech_samples"]) >= said // 7680
+    played = page.evaluate("() => document.querySelector('#session-video').currentTime")
+    assert played > 0 and not state["ended"] and state["error"] is None
+    assert_not_blank(page.locator("#session-video").screenshot(), "live session (text)", tmp_path / "player-text.png")
+    page.fill("#session-text", "And one more thing.")
+    page.click("#session-say")
+    page.wait_for_function("() => window.liveavatar.session.said.length === 3", timeout=60000)
+    page.click("#session-stop")
+    page.wait_for_function("() => window.liveavatar.session.ended", timeout=60000)
+    assert page.evaluate("() => window.liveavatar.session.error") is None
+    assert page.hosts == {server.split("/")[2]}, page.hosts

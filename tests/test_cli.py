@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import CKPT, GOLDEN, REPO, assert_close, golden_case, requires_golden
 from liveavatar.interfaces.cli import main
+from liveavatar.media.audio import load_audio
 from liveavatar.media.video import read_video
 
 pytestmark = requires_golden
@@ -310,3 +311,63 @@ def test_an_old_resume_state_names_both_leftovers_and_overwrite_starts_over(tmp_
     summary = json.loads(out.with_suffix(".json").read_text())
     assert "fps" not in summary and summary["generation_fps"] > 0 and summary["spec"]["fps"] == 25
     assert summary["frames"] == 30 and summary["audio"]["video_s"] == 1.2 and summary["audio"]["speech_s"] == 1.2
+
+
+# --------------------------------------------------------------------------------------------------
+# --decoder taew2_1: the light decoder
+
+TAEW = GOLDEN / "taew2_1" / "taew2_1.pth"
+
+
+def test_light_decoder_gives_the_same_frames_count_and_duration(tmp_path, capsys):
+    """The same clip with either decoder: a playable MP4 with the same number of frames, the same duration and
+    the same speech (the audio stays in sync); the light decoder's frames differ from the VAE's."""
+    made = {}
+    for decoder in ("wan", "taew2_1"):
+        out = tmp_path / f"{decoder}.mp4"
+        extra = ["--decoder", "taew2_1", "--decoder_path", str(TAEW)] if decoder == "taew2_1" else []
+        code = main(["generate", "--image", str(CASE_T1 / "image.png"), "--audio", str(CASE_T1 / "audio.wav"),
+                     "--prompt", "talking", "--size", "128*128", "--base_seed", "3", "--save_file", str(out), *CPU,
+                     *extra])
+        assert code == 0, capsys.readouterr().err
+        made[decoder] = read_video(out)
+        summary = json.loads(out.with_suffix(".json").read_text())
+        assert summary["decoder"] == decoder and summary["frames"] == 30
+    (light, fps, light_audio, rate), (full, _, full_audio, _) = made["taew2_1"], made["wan"]
+    assert light.shape == full.shape == (30, 128, 128, 3) and fps == 25  # the 1.2 s of speech
+    assert light_audio is not None and len(light_audio) == len(full_audio)
+    # The whole speech is muxed, from its first sample; the video ends with it.
+    speech_s = len(load_audio(CASE_T1 / "audio.wav")) / 16000
+    assert abs(len(light_audio) / rate - speech_s) < 0.1
+    assert np.array_equal(light_audio, full_audio)
+    assert not np.array_equal(light, full)
+    log = (tmp_path / "taew2_1.log").read_text()
+    assert f"decoder taew2_1: {TAEW}" in log and "decoder taew2_1" in log.split("output 128x128")[1].splitlines()[0]
+
+
+def _refused(tmp_path, capsys, *extra) -> str:
+    args = ["generate", "--image", str(CASE_T1 / "image.png"), "--audio", str(CASE_T1 / "audio.wav"),
+            "--save_file", str(tmp_path / "o.mp4"), *CPU, *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and not (tmp_path / "o.mp4").exists()
+    return err[-1]
+
+
+def test_light_decoder_option_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    err = _refused(tmp_path, capsys, "--decoder", "taew2_1")  # the golden tree has no taehv/ folder
+    assert f"--decoder taew2_1: no TAEW2.1 weights found (looked in {CKPT / 'taehv'}/ and the Hugging Face cache)" in err
+    assert "pass --decoder_path" in err and "liveavatar download --decoder taew2_1" in err
+    err = _refused(tmp_path, capsys, "--decoder", "taew2_1", "--decoder_path", str(tmp_path / "nope.pth"))
+    assert "nope.pth: missing; expected the TAEW2.1 weights file" in err
+    assert "only used with --decoder taew2_1" in _refused(tmp_path, capsys, "--decoder_path", str(TAEW))
+    err = _refused(tmp_path, capsys, "--decoder", "taew2_1", "--decoder_path", str(CASE_T1 / "image.png"))
+    assert "image.png: this is a PNG image, not the TAEW2.1 decoder" in err
+    (tmp_path / "cut.pth").write_bytes(TAEW.read_bytes()[:4096])  # an interrupted download
+    err = _refused(tmp_path, capsys, "--decoder", "taew2_1", "--decoder_path", str(tmp_path / "cut.pth"))
+    assert "cut.pth: cannot read the TAEW2.1 decoder" in err
+    err = _refused(tmp_path, capsys, "--decoder", "taew2_1", "--decoder_path", str(CKPT / "Wan2.2-S2V-14B" / "Wan2.1_VAE.pth"))
+    assert "Wan2.1_VAE.pth: not a TAEW2.1 checkpoint" in err

@@ -172,6 +172,46 @@ def test_resident_blocks_fit_the_memory_left_after_the_first_clip():
     assert offload.resident_blocks_that_fit(1, block, 20 * gib, 30 * gib, 0) == 0
 
 
+def test_fit_resident_blocks_on_a_cuda_device_given_without_index(monkeypatch):
+    """`--device cuda` (no index) reached torch.cuda.get_per_process_memory_fraction, which refuses a device
+    without an index: the 24 GB mode stopped at clip 1 on every GPU. The CUDA calls are replaced here by fakes
+    as strict as torch's, with a 24 GiB cap on an 80 GiB card."""
+    gib = 2**30
+
+    def strict(value):
+        if not isinstance(value, int) and not (isinstance(value, torch.device) and value.index is not None):
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{value}")
+        return value
+
+    fake = {
+        "current_device": lambda: 0,
+        "synchronize": lambda device=None: None,
+        "memory_allocated": lambda device=None: strict(device) and 9 * gib,
+        "memory_reserved": lambda device=None: strict(device) and 10 * gib,
+        "max_memory_allocated": lambda device=None: strict(device) and 11 * gib,
+        "mem_get_info": lambda device=None: strict(device) and (70 * gib, 80 * gib),
+        "get_per_process_memory_fraction": lambda device=None: strict(device) is not None and 0.3,
+    }
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn, raising=False)
+
+    class Streamer:
+        device, resident_count, num_blocks, block_bytes = torch.device("cuda"), 0, 40, int(0.41e9)
+        memory_margin = offload.MEMORY_MARGIN
+        kept = None
+
+        def keep_resident(self, count):
+            self.kept = count
+            return count
+
+    streamer = Streamer()
+    kept = offload.fit_resident_blocks(streamer)
+    # 24 GiB allowed - 9 allocated - 2 GiB of work above it - 1 GiB margin = 12 GiB of blocks.
+    assert kept == streamer.kept == (12 * gib) // streamer.block_bytes
+    assert offload.indexed("cuda") == torch.device("cuda", 0)
+    assert offload.indexed("cpu") == torch.device("cpu")
+
+
 def test_offloaded_stream_fits_its_blocks_after_one_clip_and_prepare_takes_them_back(pipe, monkeypatch):
     from liveavatar.engine import stream as stream_module
     from liveavatar.engine.pipeline import LiveAvatarPipeline
@@ -305,3 +345,28 @@ def test_compiled_decoder_matches_eager(pipe):
     eager, fast = pipe.vae.streaming_decoder(), compiled.streaming_decoder()
     for part in (latents[:, :, :1], latents[:, :, 1:4], latents[:, :, 4:]):
         torch.testing.assert_close(fast.decode(part), eager.decode(part), rtol=1e-5, atol=1e-5)
+
+
+def test_a_resumed_stream_takes_the_attention_kernel_the_interrupted_one_chose(pipe):
+    """On the H100 two processes timed cuDNN and flash attention in another order (0.11 vs 0.09-0.12 ms) and
+    their bf16 latents differed by 1.9e-2: the resume state names the kernel, and the resumed stream uses it."""
+    wave = torch.randn(16000 * 3, generator=torch.Generator().manual_seed(7)).numpy() * 0.1
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "ref.png"
+        Image.new("RGB", (64, 64), (120, 80, 200)).save(image)
+        cond = pipe.prepare(image, wave, "talking", size="64*64")
+    try:
+        fastpath.use_attention(pipe.dit, "CUDNN_ATTENTION")  # what the interrupted process chose
+        state = pipe.stream(cond, StreamSettings(seed=3)).state_dict()
+        assert state["attention"] == "CUDNN_ATTENTION"
+        fastpath.use_attention(pipe.dit, "FLASH_ATTENTION")  # what the new process's timing chose
+        pipe.stream(cond, StreamSettings(seed=3)).load_state_dict(state)
+        assert pipe.dit.attention_choice == "CUDNN_ATTENTION"
+        assert pipe.dit.self_attention.args[0].name == "CUDNN_ATTENTION"
+        with pytest.raises(ValueError, match="unknown attention kernel 'NOPE'"):
+            fastpath.use_attention(pipe.dit, "NOPE")
+    finally:
+        from liveavatar.models.layers import two_part_attention
+
+        pipe.dit.self_attention = two_part_attention
+        del pipe.dit.attention_choice

@@ -317,7 +317,7 @@ def test_silence_a_long_prompt_and_a_huge_num_clip_still_make_a_video(tmp_path, 
     assert isinstance(result, JobResult) and result.clips == 1 and result.frames == 45
     notes = [r.getMessage() for r in caplog.records]
     assert any(n.startswith("the prompt is ") and n.endswith("tokens long; only its first 512 are used") for n in notes)
-    assert "output 128x128, 1 clip(s) of 48 frames (the audio covers 1)" in notes
+    assert "output 128x128, 1 clip(s) of 48 frames (the audio covers 1), decoder wan" in notes
     frames, fps, audio, rate = read_video(tmp_path / "idle.mp4")
     assert frames.shape == (45, 128, 128, 3) and fps == 25 and frames.std() > 0
     assert rate == SR and np.abs(audio).max() < 1e-3  # the muxed track is the silence

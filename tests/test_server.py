@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 import socket
 import threading
 import time
@@ -29,6 +30,8 @@ from liveavatar.engine.worker import EngineWorker  # noqa: E402
 from liveavatar.interfaces.server import create_app  # noqa: E402
 from liveavatar.media.audio import load_audio  # noqa: E402
 from liveavatar.media.video import read_audio, read_video  # noqa: E402
+from liveavatar import tts  # noqa: E402
+from liveavatar.tts.speaker import to_speech_rate  # noqa: E402
 
 FACE, SPEECH = REPO / "examples" / "face.png", REPO / "examples" / "speech.wav"
 SIZE = "128*128"  # the tiny model makes a 128x128 block in well under a second on CPU
@@ -95,13 +98,15 @@ def wait_until(predicate, what: str):
 def test_health_and_openapi(server):
     client, worker, _ = server
     health = client.get("/health").json()
-    assert health == {"status": "ok", "device": "cpu", "queued": 0, "max_queue": 2, "running": None}
+    assert health == {"status": "ok", "device": "cpu", "queued": 0, "max_queue": 2, "running": None,
+                      "decoder": "wan", "decoders": ["wan"]}
     schema = client.get("/openapi.json").json()
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/live", "/jobs/{job_id}/video", "/jobs/{job_id}/cancel",
                  "/sessions", "/sessions/{session_id}/video", "/health"):
         assert path in schema["paths"], path
     fields = schema["components"]["schemas"]["Body_submit_job_jobs_post"]["properties"]
     assert {"image", "audio", "prompt", "size", "num_clip", "sample_steps", "seed"} <= set(fields)
+    assert "decoder" in schema["components"]["schemas"]["Body_create_session_sessions_post"]["properties"]
     page = client.get("/player")
     assert page.status_code == 200 and "<video" in page.text
 
@@ -264,6 +269,9 @@ def test_session_errors(server):
     client, _, _ = server
     r = client.post("/sessions", files={"image": ("x.png", b"nope")}, data={"size": SIZE})
     assert r.status_code == 400 and r.json()["detail"].startswith("image (x.png): not an image file")
+    r = client.post("/sessions", files={"image": ("face.png", FACE.read_bytes())}, data={"decoder": "taew2_1"})
+    assert r.status_code == 422 and r.json()["detail"] == ("decoder: 'taew2_1' is not loaded in this server (it has "
+                                                           "wan; start it with --decoder taew2_1 for that one)")
     assert client.get("/sessions/unknown").status_code == 404
 
 
@@ -381,3 +389,124 @@ def test_live_muxer_fragments_keyframes_and_late_join():
     assert len(frames) == 45 and [i for i, f in enumerate(frames) if f.key_frame] == first_frames
     with av.open(io.BytesIO(init + output[keyframes[2] :])) as container:  # a viewer joining at block 2
         assert len(list(container.decode(video=0))) == 24
+
+
+# ------------------------------------------------------------------------------------------- text in (TTS)
+requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="eSpeak NG is not installed")
+TEXT = "Hello there. I am a talking avatar, and I read what you type."
+
+
+def submit_text(client, **form):
+    with FACE.open("rb") as image:
+        return client.post("/jobs", files={"image": ("face.png", image)}, data={k: str(v) for k, v in form.items()})
+
+
+@requires_espeak
+def test_job_from_text_speaks_it(server):
+    client, _, work_dir = server
+    r = submit_text(client, text=TEXT, voice="en-us", tts="espeak")
+    assert r.status_code == 202, r.text
+    job = r.json()
+    status = wait_until(lambda: (s := client.get(f"/jobs/{job['id']}").json())["state"] in ("done", "failed") and s,
+                        "the text job to finish")
+    assert status["state"] == "done", status
+    (work_dir / "text.mp4").write_bytes(client.get(job["links"]["video"]).content)
+    frames, *_ = read_video(work_dir / "text.mp4")
+    speech = to_speech_rate(tts.synthesize(TEXT, "espeak", "en-us"))
+    assert len(frames) == -(-len(speech) // 640), "the video covers the speech and ends with it"
+    audio = load_audio(work_dir / "text.mp4")  # the sound track at 16 kHz: the whole speech, from its first sample
+    assert abs(len(audio) - len(speech)) < 0.05 * 16000
+    n = min(len(audio), len(speech))
+    assert np.corrcoef(audio[:n], speech[:n])[0, 1] > 0.95, "the video's sound is the synthesised text"
+    assert {p.name for p in (work_dir / "jobs" / job["id"]).iterdir()} == {"output.mp4"}
+
+
+@requires_espeak
+def test_text_job_errors_name_the_field(server):
+    client, worker, work_dir = server
+    cases = [
+        (dict(text="  \n"), 400, "text: the text to speak is empty"),
+        (dict(text="x" * 5001), 400, "text: the text is 5001 characters long; the limit is 5000"),
+        (dict(text="Hi.", voice="xx-nowhere"), 400, "voice: unknown espeak voice 'xx-nowhere': pick a language like"),
+        (dict(text="Hi.", tts="festival"), 400, "tts: unknown speech engine 'festival': pick one of espeak, piper"),
+    ]
+    for form, code, detail in cases:
+        r = submit_text(client, **form)
+        assert r.status_code == code and r.json()["detail"].startswith(detail), (form, r.text)
+    with FACE.open("rb") as image, SPEECH.open("rb") as audio:
+        r = client.post("/jobs", files={"image": ("face.png", image), "audio": ("speech.wav", audio)}, data={"text": "Hi."})
+    assert r.status_code == 400 and r.json()["detail"] == "audio and text: give one of them (a speech file, or words to speak)"
+    r = submit(client, voice="de")
+    assert r.status_code == 400 and r.json()["detail"].startswith("voice: only used with text")
+    for form in ({}, {"text": ""}):  # an empty form field is no field
+        r = submit_text(client, **form)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "audio"]
+        assert r.json()["detail"][0]["msg"] == "Field required: upload speech (audio) or give words to speak (text)"
+    schema = client.get("/openapi.json").json()
+    assert {"text", "voice", "tts"} <= set(schema["components"]["schemas"]["Body_submit_job_jobs_post"]["properties"])
+    assert {p.name for p in (work_dir / "jobs").iterdir()} <= set(worker.tasks), "refused requests leave no folder"
+
+
+@requires_espeak
+def test_live_session_speaks_text_messages(server):
+    client, _, _ = server
+    r = client.post("/sessions", files={"image": ("face.png", FACE.read_bytes())},
+                    data={"size": SIZE, "voice": "en-us"})
+    assert r.status_code == 201, r.text
+    session = r.json()
+    url = client.base_url.copy_with(scheme="ws", path=session["links"]["ws"])
+    blocks, video, said, sentences, errors, end = [], bytearray(), [], None, [], None
+    with connect(str(url), max_size=None) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "session"
+        ws.send("not json")
+        ws.send(json.dumps({"type": "text", "text": "   "}))
+        ws.send(json.dumps({"type": "text", "text": 42}))
+        ws.send(json.dumps({"type": "text", "text": TEXT}))
+        for _ in range(3000):  # bounded: each message is one event or one piece of video
+            message = ws.recv(timeout=60)
+            if isinstance(message, bytes):
+                video += message
+                continue
+            event = json.loads(message)
+            if event["type"] == "error":
+                errors.append(event["detail"])
+            elif event["type"] == "text":
+                sentences = event["sentences"]
+            elif event["type"] == "speech":
+                said.append(event)
+            elif event["type"] == "block":
+                blocks.append(event)
+                total = sum(s["speech_samples"] for s in said)
+                if sentences and len(said) == len(sentences) and sum(b["speech_samples"] for b in blocks) == total \
+                        and len(blocks) >= 3 and all(b["speech_samples"] == 0 for b in blocks[-2:]):
+                    ws.send(json.dumps({"type": "close"}))
+            elif event["type"] == "end":
+                end = event
+                break
+    assert end == {"type": "end", "error": None}
+    assert errors[0].startswith("text messages are JSON objects") and errors[1] == "the text to speak is empty"
+    assert errors[2] == "text: expected a string, got int" and len(errors) == 3
+    assert sentences == ["Hello there.", "I am a talking avatar, and I read what you type."]
+    assert [s["text"] for s in said] == sentences
+    assert [s["speech_start"] for s in said] == [0, said[0]["speech_samples"]]
+    # The avatar spoke the text: blocks driven by its speech (not idle), all of it, in order; then it idled.
+    speech = np.concatenate([to_speech_rate(tts.synthesize(s, "espeak", "en-us")) for s in sentences])
+    assert sum(s["speech_samples"] for s in said) == len(speech)
+    speaking = [b for b in blocks if b["speech_samples"]]
+    assert len(speaking) >= len(speech) // 7680 and sum(b["speech_samples"] for b in speaking) == len(speech)
+    assert blocks[-1]["speech_samples"] == 0
+    # The session's video carries that speech where the blocks say (each block: silence it was padded with, then
+    # its share of the speech; the first 3 frames' sound is dropped with them).
+    expected = np.concatenate([np.concatenate([np.zeros(b["padded_samples"], np.float32),
+                                               speech[b["speech_start"] : b["speech_start"] + b["speech_samples"]]])
+                               for b in blocks])[3 * 640:]
+    with av.open(io.BytesIO(bytes(video))) as container:
+        sound = np.concatenate([f.to_ndarray()[0] for f in container.decode(audio=0)])
+    n = min(len(sound), len(expected))
+    assert n > len(speech) and np.corrcoef(sound[:n], expected[:n])[0, 1] > 0.9
+
+
+def test_session_voice_is_checked_at_creation(server):
+    client, _, _ = server
+    r = client.post("/sessions", files={"image": ("face.png", FACE.read_bytes())}, data={"size": SIZE, "tts": "nope"})
+    assert r.status_code == 400 and r.json()["detail"].startswith("tts: unknown speech engine 'nope'")

@@ -22,6 +22,7 @@ Files written next to the output `out.mp4`:
     out.log                the run log (parameters, per-block stage timings, device, peak memory)
     out.json               machine-readable summary
     out.gpu_memory.csv     GPU memory samples, one per block (CUDA only)
+    out.speech.wav         a text job's synthesised speech (kept for --resume; removed when the job is done)
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ class JobSpec:
     # False: the original's exact timing (what the golden data checks); the video starts 120 ms into the speech.
     lead_in: bool = True
     overwrite: bool = False  # an interrupted run's partial video and resume states are deleted, not refused
+    # A text job: `text` is spoken by the `tts` engine with `voice` into the file `audio` (see synthesize_text),
+    # which then goes the way of any speech file.
+    text: str | None = None
+    voice: str | None = None
+    tts: str | None = None
 
     def fingerprint(self) -> str:
         """Identifies the inputs and settings whose output a resume state belongs to."""
@@ -109,6 +115,8 @@ class JobSpec:
         for value in (self.prompt, self.size, self.num_clip, self.infer_frames, self.sample_steps, self.seed,
                       self.trim_silence, self.normalize_loudness, self.rolling_sink, self.lead_in):
             h.update(repr(value).encode())
+        if self.text is not None:  # (audio jobs keep the fingerprints they had before text jobs existed)
+            h.update(repr((self.text, self.tts, self.voice)).encode())
         return h.hexdigest()
 
     @property
@@ -169,6 +177,31 @@ class JobResult:
     peak_gpu_memory_gb: float | None = None
     peak_host_memory_gb: float = 0.0
     notices: list[str] = field(default_factory=list)  # what the preflight warned about (a small image, ...)
+
+
+def speech_file_for(output: Path) -> Path:
+    """Where a text job run from the command line keeps its synthesised speech: out.speech.wav."""
+    return Path(output).with_suffix(".speech.wav")
+
+
+def synthesize_text(spec: JobSpec, reuse: bool = False) -> None:
+    """A text job's speech: speaks `spec.text` with its engine and voice into `spec.audio` (a WAV file at the
+    engine's rate), which the job then decodes, resamples and trims like an uploaded file. With `reuse`, a
+    file already there is kept (a resumed job must speak exactly what the interrupted run spoke; the resume
+    state's fingerprint holds the text, engine and voice). Raises TTSError (an InputError) for empty or too
+    long text and an unknown or missing engine or voice."""
+    from liveavatar import tts
+
+    if spec.text is None:
+        return
+    if reuse and Path(spec.audio).is_file():
+        log.info("speaking the text as synthesised before: %s", spec.audio)
+        return
+    _check_output_path(Path(spec.audio))
+    t0 = time.perf_counter()
+    tts.synthesize_file(spec.text, spec.audio, spec.tts, spec.voice)
+    log.info("synthesised %d characters of text with %s (voice %s) in %.2f s", len(spec.text),
+             spec.tts or tts.DEFAULT_ENGINE, spec.voice or "default", time.perf_counter() - t0)
 
 
 def load_speech(spec: JobSpec) -> np.ndarray:
@@ -259,7 +292,7 @@ def _preflight(spec: JobSpec, notices: list[str], with_track: bool = False) -> t
                          f"{Path(spec.output) / 'out.mp4'}")
     if spec.output.suffix.lower() != ".mp4":
         raise InputError(f"{spec.output}: the output must be an .mp4 file")
-    for path, what in ((spec.image, "reference image"), (spec.audio, "audio")):
+    for path, what in ((spec.image, "reference image"), (spec.audio, "audio" if spec.text is None else "synthesised speech")):
         if not Path(path).is_file():
             raise InputError(f"{path}: {what} not found")
     img = image_io.load_image(spec.image)
@@ -451,8 +484,8 @@ def run_job(
     num_clips = min(job_plan.clips, cond.num_clips)
     blocks_total = min(job_plan.blocks, num_clips * settings.blocks_per_clip)
     frames_total = min(job_plan.frames, blocks_total * settings.video_frames_per_block - DROPPED_FIRST_FRAMES)
-    log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d)", cond.width, cond.height, num_clips,
-             spec.infer_frames, cond.num_clips)
+    log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d), decoder %s", cond.width, cond.height,
+             num_clips, spec.infer_frames, cond.num_clips, pipe.decoder_name)
     log.info("video: %d frames (%.2f s) of %d block(s); speech %.2f s, %s", frames_total, frames_total / spec.fps,
              blocks_total, len(speech.wave) / SAMPLE_RATE,
              "with 120 ms of silence in front for the model" if spec.lead_in else "the original's timing")
@@ -562,6 +595,7 @@ def run_job(
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary["spec"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
     summary["device"] = str(pipe.device)
+    summary["decoder"] = pipe.decoder_name
     summary["audio"] = {"sample_rate": writer.sample_rate, "channels": writer.audio_channels,
                         "speech_s": round(len(speech.wave) / SAMPLE_RATE, 4),
                         "video_s": round(written / spec.fps, 4)}

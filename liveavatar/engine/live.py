@@ -96,8 +96,9 @@ class LiveSpeech:
         self._closed = False
         self._lock = threading.Condition()
 
-    def push(self, samples: np.ndarray) -> None:
-        """Queues 16 kHz mono float32 speech to be spoken after what was pushed before."""
+    def push(self, samples: np.ndarray) -> int:
+        """Queues 16 kHz mono float32 speech to be spoken after what was pushed before; returns the position of
+        its first sample in everything pushed (a block's `speech_start` counts the same way)."""
         samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
         with self._lock:
             if self._closed:
@@ -111,6 +112,7 @@ class LiveSpeech:
             self._queued += len(samples)
             self._pushed += len(samples)
             self._lock.notify_all()
+            return self._pushed - len(samples)
 
     def close(self) -> None:
         with self._lock:
@@ -297,6 +299,7 @@ class SessionOptions:
     sample_steps: int = 4
     seed: int = 42
     rolling_sink: bool = True
+    decoder: str | None = None  # "wan" or "taew2_1" (StreamSettings.decoder); None: the service's --decoder
 
 
 class LiveSession:
@@ -320,17 +323,19 @@ class LiveSession:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ client side
-    def push(self, samples: np.ndarray) -> None:
+    def push(self, samples: np.ndarray) -> int:
+        """Queues speech (see LiveSpeech.push); returns the position of its first sample in everything pushed."""
         with self._lock:
             if self._closed:
                 raise SessionClosed("the live session is closed")
             if self.speech is None:
+                start = sum(map(len, self._pending_speech))
                 self._pending_speech.append(np.asarray(samples, np.float32))
                 if sum(map(len, self._pending_speech)) / SAMPLE_RATE > MAX_QUEUED_S:
                     self._pending_speech.pop()
                     raise SpeechQueueFull(f"speech queue full: more than {MAX_QUEUED_S:.0f} s pushed before the session started")
-                return
-        self.speech.push(samples)
+                return start
+        return self.speech.push(samples)
 
     def close(self) -> None:
         with self._lock:
@@ -377,7 +382,8 @@ class LiveSession:
 
     def _run(self, pipe: LiveAvatarPipeline) -> None:
         o = self.options
-        settings = StreamSettings(sample_steps=o.sample_steps, seed=o.seed, rolling_sink=o.rolling_sink)
+        settings = StreamSettings(sample_steps=o.sample_steps, seed=o.seed, rolling_sink=o.rolling_sink,
+                                  decoder=o.decoder)
         # prepare() encodes the image and the prompt together with a speech file's features; a session has
         # no file, so it is given one block of silence and its audio source is replaced by the live one.
         silence = np.zeros(settings.video_frames_per_block * SAMPLE_RATE // settings.fps, np.float32)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from liveavatar.engine.job import JobResult, JobSpec, Progress, read_speech
+from liveavatar import tts
+from liveavatar.engine.job import JobResult, JobSpec, Progress, read_speech, synthesize_text
 from liveavatar.engine.worker import CANCELLED, DONE, FINISHED, EngineWorker, JobTask, QueueFull
 from liveavatar.errors import InputError
 from liveavatar.media import image as image_io
@@ -72,15 +73,27 @@ def _status(progress: Progress) -> str:
             f"{progress.frames_total}, {progress.elapsed_s:.1f} s ({fps:.1f} frames/s){notes}")
 
 
+def _voices(engine: str | None) -> list[str]:
+    """The voices of an engine for the page's list (none when it is not installed)."""
+    try:
+        return tts.get_engine(engine).voices()
+    except tts.TTSError:
+        return []
+
+
 def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384", max_audio_s: float = 600) -> gr.Blocks:
     work_dir = Path(work_dir).resolve()
     sizes = list(image_io.SIZE_PRESETS) + ([default_size] if default_size not in image_io.SIZE_PRESETS else [])
 
-    def generate(image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness):
+    def generate(image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness,
+                 text="", tts_engine=None, voice=None):
+        text = text if text and text.strip() else None
         if not image:
             raise gr.Error("Add a reference image (upload one or take it with the webcam).")
-        if not audio:
-            raise gr.Error("Add speech (upload a file or record it with the microphone).")
+        if not audio and text is None:
+            raise gr.Error("Add speech (upload a file or record it with the microphone), or type a text to speak.")
+        if audio and text is not None:
+            raise gr.Error("Give either speech or a text to speak, not both (clear one of them).")
         try:
             image_io.parse_size(size)
         except InputError as e:
@@ -88,13 +101,20 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
         folder = work_dir / "jobs" / uuid.uuid4().hex
         folder.mkdir(parents=True)
         # The inputs are copied next to the output: the job and its files stay together.
-        image_path, audio_path = folder / ("image" + Path(image).suffix), folder / ("audio" + Path(audio).suffix)
+        image_path = folder / ("image" + Path(image).suffix)
+        audio_path = folder / ("audio" + Path(audio).suffix if text is None else "speech.wav")
         shutil.copyfile(image, image_path)
-        shutil.copyfile(audio, audio_path)
+        if text is None:
+            shutil.copyfile(audio, audio_path)
         spec = JobSpec(image=image_path, audio=audio_path, prompt=prompt or "A person is talking.", output=folder / "output.mp4",
                        size=size, num_clip=int(num_clip) if num_clip else None, sample_steps=int(sample_steps),
                        seed=int(seed), trim_silence=trim_silence, normalize_loudness=normalize_loudness,
-                       max_audio_s=max_audio_s)
+                       max_audio_s=max_audio_s, text=text, voice=voice or None, tts=tts_engine or None)
+        try:
+            synthesize_text(spec)  # a text's speech, made before the job is queued (its errors are named at once)
+        except InputError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise gr.Error(f"Text to speech: {e}") from None
         try:
             task = worker.submit(JobTask(kind="job", spec=spec))
         except QueueFull as e:
@@ -121,7 +141,8 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                 yield gr.skip(), "Cancelled: the video generated so far can be downloaded.", \
                     str(partial) if partial.exists() else None, None
             elif task.state != DONE:  # named by the user's file names, not the job folder's
-                error = task.error.replace(str(image_path), Path(image).name).replace(str(audio_path), Path(audio).name)
+                error = task.error.replace(str(image_path), Path(image).name).replace(
+                    str(audio_path), Path(audio).name if text is None else "the synthesised speech")
                 raise gr.Error(f"Generation failed: {error}")
             else:
                 yield gr.skip(), (f"Done: {result.frames} frames ({result.width}x{result.height}) in {result.seconds:.1f} s, "
@@ -138,13 +159,23 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
             worker.cancel(task)
 
     with gr.Blocks(title="liveavatar", analytics_enabled=False) as demo:
-        gr.Markdown("## liveavatar\nA reference image, speech and a prompt make a talking-avatar video. "
-                    "It starts playing after the first block and keeps growing while the rest is generated.")
+        gr.Markdown("## liveavatar\nA reference image, speech (or a text to speak) and a prompt make a talking-avatar "
+                    "video. It starts playing after the first block and keeps growing while the rest is generated.")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Reference image", sources=["upload", "webcam", "clipboard"], type="filepath",
                                  elem_id="image")
                 audio = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath", elem_id="audio")
+                text = gr.Textbox(label=f"…or text to speak (instead of speech; at most {tts.MAX_TEXT_CHARS} characters)",
+                                  lines=3, max_length=tts.MAX_TEXT_CHARS, elem_id="text",
+                                  placeholder="Hello! I read what you type.")
+                with gr.Accordion("Voice of the text", open=False):
+                    engines = tts.available_engines() or [tts.DEFAULT_ENGINE]
+                    tts_engine = gr.Dropdown(engines, value=tts.DEFAULT_ENGINE if tts.DEFAULT_ENGINE in engines else engines[0],
+                                             label="Speech engine", elem_id="tts")
+                    voice = gr.Dropdown(_voices(tts_engine.value), value=None, allow_custom_value=True, elem_id="voice",
+                                        label="Voice (empty: the engine's default; for piper also a voice .onnx path)")
+                    tts_engine.change(lambda name: gr.update(choices=_voices(name), value=None), [tts_engine], [voice])
                 prompt = gr.Textbox(label="Prompt", value="A person is talking.", elem_id="prompt")
                 with gr.Accordion("Options", open=False):
                     size = gr.Dropdown(sizes, value=default_size, allow_custom_value=True, elem_id="size",
@@ -166,7 +197,8 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
         if all(Path(path).exists() for path in EXAMPLES[0][:2]):  # a source checkout ships them
             gr.Examples(EXAMPLES, inputs=[image, audio, prompt])
         task_id = gr.State(None)
-        event = run.click(generate, [image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness],
+        event = run.click(generate, [image, audio, prompt, size, num_clip, sample_steps, seed, trim_silence, normalize_loudness,
+                                     text, tts_engine, voice],
                           [video, status, download, task_id], concurrency_limit=1, show_progress="minimal")
         stop.click(cancel, [task_id], None, cancels=[event])
     return demo

@@ -11,6 +11,7 @@ import torch
 
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.errors import LiveAvatarError
+from liveavatar.models.taehv import DecoderChoice
 
 @dataclass(frozen=True)
 class Backend:
@@ -24,6 +25,7 @@ class Backend:
     offload_model: bool = False
     gpus: int = 1
     sample_steps: int = 4  # the step count a multi-GPU pipeline is laid out for
+    decoder: DecoderChoice = DecoderChoice()  # the streams' decoder (--decoder, --decoder_path)
 
     @classmethod
     def from_args(cls, args) -> "Backend":
@@ -43,8 +45,28 @@ class Backend:
             ckpt_dir, lora = hub.cached_checkpoint()
         if args.lora_path_dmd:
             lora = hub.resolve_lora(args.lora_path_dmd)
-        CheckpointLayout.from_dir(ckpt_dir, lora).require_complete()
-        return cls(Path(ckpt_dir), lora, device, dtype, args.fp8, args.offload_model, gpus, sample_steps)
+        layout = CheckpointLayout.from_dir(ckpt_dir, lora)
+        layout.require_complete()
+        decoder = _decoder_choice(args.decoder, args.decoder_path, ckpt_dir if args.ckpt_dir is not None else None)
+        backend = cls(Path(ckpt_dir), lora, device, dtype, args.fp8, args.offload_model, gpus, sample_steps, decoder)
+        backend.check_memory(layout, args.size)
+        return backend
+
+    def check_memory(self, layout, size: str) -> None:
+        """Refuses, with the numbers, a mode whose memory (counted for the pixel budget `size`) exceeds this GPU's
+        or, for the low-memory mode's pinned buffers, this machine's available host memory. One GPU only: with
+        several, each rank holds a share that the schedule decides."""
+        from liveavatar.engine import footprint
+        from liveavatar.media.image import parse_size
+        from liveavatar.models.dit import S2VConfig
+
+        if not self.device.startswith("cuda") or self.gpus != 1:
+            return
+        config = S2VConfig.from_json(layout.dit_config)
+        encoders = footprint.largest_file(layout.t5_file) + footprint.largest_file(layout.wav2vec2_dir)
+        need = footprint.footprint(config, parse_size(size), self.sample_steps, self.fp8, self.offload_model, encoders)
+        mode = " ".join(["--offload_model"] * self.offload_model + ["--fp8"] * self.fp8) or "the default mode (bf16)"
+        footprint.check_fits(need, mode, size, footprint.gpu_memory(self.device), footprint.host_memory_available())
 
     def open(self) -> LiveAvatarPipeline:
         """Loads the models. On a GPU: the compiled fast path with CUDA graphs, and the encoders off the GPU
@@ -55,14 +77,28 @@ class Backend:
             from liveavatar.parallel.launch import CheckpointModels, start_pipeline
             from liveavatar.parallel.worker import DitOptions
 
-            return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype), self.gpus,
+            return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype, self.decoder), self.gpus,
                                   sample_steps=self.sample_steps, device_type=self.device, offload_encoders=cuda,
                                   options=DitOptions(fp8=self.fp8, fast=cuda),
                                   cpu_threads=max(1, torch.get_num_threads() // self.gpus))
         return LiveAvatarPipeline.from_pretrained(
             self.ckpt_dir, lora_file=self.lora_file, device=self.device, dtype=self.dtype,
             offload_encoders=self.offload_model or cuda, offload_transformer=self.offload_model, fp8=self.fp8,
-            kv_dtype=torch.float8_e4m3fn if self.offload_model else None, fast=cuda)
+            kv_dtype=torch.float8_e4m3fn if self.offload_model else None, fast=cuda, decoder=self.decoder)
+
+
+def _decoder_choice(name: str, path: str | None, ckpt_dir) -> DecoderChoice:
+    """--decoder and --decoder_path, resolved to a weights file that exists and is no obvious mix-up."""
+    from liveavatar.weights import hub
+    from liveavatar.weights.files import require_weights
+
+    if name == "wan":
+        if path is not None:
+            raise LiveAvatarError(f"--decoder_path {path}: only used with --decoder taew2_1 (the Wan VAE's decoder "
+                                  f"comes with --ckpt_dir)")
+        return DecoderChoice()
+    file = hub.resolve_tiny_decoder(path, ckpt_dir)
+    return DecoderChoice(name, require_weights(file, "TAEW2.1 decoder (taew2_1.pth or taew2_1.safetensors)"))
 
 
 NO_GPU = ("no CUDA GPU found (torch sees none): the 14B model needs an NVIDIA GPU with 24 GB or more, so nothing was "

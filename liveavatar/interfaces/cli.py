@@ -19,9 +19,13 @@ from pathlib import Path
 
 from liveavatar.errors import JobStopped, LiveAvatarError
 
+DECODERS = ("wan", "taew2_1")  # liveavatar.models.taehv.DECODERS (not imported here: it loads torch)
+TAEW_REPO = "madebyollin/taehv"
+
 log = logging.getLogger("liveavatar")
 
 EXAMPLE = "liveavatar generate --image examples/face.png --audio examples/speech.wav --prompt 'A person talking' --save_file out.mp4"
+EXAMPLE_TEXT = "liveavatar generate --image examples/face.png --text 'Hello! I read what you type.' --save_file out.mp4"
 
 
 def _bool(text: str) -> bool:
@@ -54,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a video (the main job)",
         description="Generate a lip-synced talking-avatar MP4. The video is written while it is generated "
         "(fragmented MP4: the partial file plays) and moved into place at the end.",
-        epilog=f"example:\n  {EXAMPLE}",
+        epilog=f"examples:\n  {EXAMPLE}\n  {EXAMPLE_TEXT}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = gen.add_argument_group("inputs")
     _add(g, "image", required=True, type=Path, help="reference image (PNG, JPEG, WebP, ...)")
-    _add(g, "audio", required=True, type=Path, help="speech: wav, mp3, flac, m4a, ogg, or a video's audio track; any rate and channels")
+    _add(g, "audio", type=Path, help="speech: wav, mp3, flac, m4a, ogg, or a video's audio track; any rate and channels "
+         "(or --text)")
+    _add_text_args(g)
     _add(g, "prompt", default="A person is talking.", help="text prompt describing the scene (default: %(default)r)")
     _add(g, "trim_silence", action="store_true", help="cut leading and trailing silence from the audio")
     _add(g, "normalize_loudness", action="store_true", help="normalise the speech to -23 LUFS (EBU R128)")
@@ -93,10 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
         _add(compat, flag, default=None, nargs="?", const="True", help=kwargs)
     for flag, why in COMPAT_REFUSED.items():
         _add(compat, flag, default=None, help=f"refused unless default: {why}")
+    _add(compat, "enable_tts", default=None, nargs="?", const="True", help="the original's switch to speak --tts_text: "
+         "accepted, the text is spoken by --tts")
+    _add(compat, "tts_text", default=None, help="the original's text to speak: accepted as --text")
+    for flag in TTS_CLONING:
+        _add(compat, flag, default=None, help=f"refused: {TTS_CLONING_WHY}")
 
     dl = sub.add_parser("download", help="download the weights (Wan2.2-S2V-14B and Live Avatar LoRA)",
                         description="Fetch both Hugging Face repos into a folder (resumable, with progress).")
     _add(dl, "ckpt_dir", type=Path, default=Path("ckpt"), help="destination folder (default: %(default)s)")
+    _add(dl, "decoder", choices=DECODERS, default="wan", help="also fetch the light decoder's weights: 'taew2_1' "
+         f"puts {TAEW_REPO}'s taew2_1.pth into <ckpt_dir>/taehv/, where --decoder taew2_1 finds it (default: %(default)s, "
+         "nothing more)")
+    _add(dl, "tts", default=None, help="instead of the weights, a voice for this speech engine (piper)")
+    _add(dl, "voice", default=None, help="with --tts piper: the voice to fetch from rhasspy/piper-voices, e.g. "
+         "en_US-lessac-medium (into $LIVEAVATAR_VOICES, default ~/.cache/liveavatar/voices)")
+
+    voices = sub.add_parser("voices", help="list the speech engines (for --text) and their voices",
+                            description="The text-to-speech engines this installation knows, whether each is installed, "
+                            "and the voices of one engine (--tts).")
+    _add(voices, "tts", default=None, help="list this engine's voices (default: list the engines)")
 
     app = sub.add_parser("app", help="web UI (Gradio): the video plays while it is generated",
                          description="A page to generate videos from an upload or webcam image and an uploaded or recorded "
@@ -112,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add(srv, "port", type=int, default=8000, help="(default: %(default)s)")
     _add(srv, "max_upload_mb", type=float, default=50, help="largest request body (image + audio) in MB (default: %(default)s)")
     return parser
+
+
+def _add_text_args(parser) -> None:
+    from liveavatar.tts import DEFAULT_ENGINE, MAX_TEXT_CHARS
+
+    _add(parser, "text", default=None, help=f"words for the avatar to speak, instead of --audio: synthesised by --tts "
+         f"with --voice, then used like a speech file (at most {MAX_TEXT_CHARS} characters)")
+    _add(parser, "voice", default=None, help="with --text: the voice, e.g. en-us, de, fr-fr, en-us+f3 (espeak) or "
+         "en_US-lessac-medium or a voice.onnx file (piper); `liveavatar voices --tts NAME` lists them "
+         "(default: the engine's own)")
+    _add(parser, "tts", default=None, help=f"with --text: the speech engine, espeak (built in) or piper (pip install "
+         f"'liveavatar[tts]') (default: {DEFAULT_ENGINE})")
 
 
 def _add_model_args(parser, gpus_note: str = "") -> None:
@@ -130,6 +164,13 @@ def _add_model_args(parser, gpus_note: str = "") -> None:
               "the GPU after use either way")
     _add(parser, "fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer (GPUs with FP8 "
          "tensor cores: Ada, Hopper)")
+    _add(parser, "decoder", choices=DECODERS, default="wan",
+         help="what turns latents into frames: 'wan' (default) the Wan2.1 VAE's decoder, for final renders; "
+              "'taew2_1' the tiny TAEW2.1 decoder (madebyollin/taehv), ~25x less arithmetic a block, for live, "
+              "low-latency or smaller GPUs, at some cost in fine detail (the VAE still encodes the reference)")
+    _add(parser, "decoder_path", default=None,
+         help="the TAEW2.1 weights for --decoder taew2_1: taew2_1.pth or taew2_1.safetensors, a folder holding it, "
+              f"or the hub id {TAEW_REPO} (default: <ckpt_dir>/taehv/, then the Hugging Face cache)")
     _add(parser, "gpus", type=int, default=1, help="GPUs to pipeline each block's work over: the denoising steps' "
          "layers are shared out so that every GPU has about the same work, the last one also decodes; any number "
          "up to one per layer of every step (cuda:0..N-1; choose them with CUDA_VISIBLE_DEVICES). With --device "
@@ -167,6 +208,39 @@ COMPAT_REFUSED = {
 _REFUSED_OK = {"sample_guide_scale": {"0", "0.0"}, "sample_solver": {"euler"}, "ulysses_size": {"1"}}
 
 
+# The original's CosyVoice options that clone a voice from a recording: refused, not silently dropped.
+TTS_CLONING = ("tts_prompt_audio", "tts_prompt_text")
+TTS_CLONING_WHY = ("cloning a voice from a prompt recording (CosyVoice) is not implemented; pick a voice with "
+                   "--voice (`liveavatar voices` lists them)")
+
+
+def _check_text_input(args) -> list[str]:
+    """Maps the original's --enable_tts/--tts_text onto --text and checks that exactly one of --audio and --text
+    is given; returns the notices. (Text, engine and voice are checked when the text is synthesised.)"""
+    notices = []
+    for flag in TTS_CLONING:
+        if getattr(args, flag) is not None:
+            raise LiveAvatarError(f"--{flag}: refused, {TTS_CLONING_WHY}")
+    if args.tts_text is not None:
+        if args.text is not None:
+            raise LiveAvatarError("--tts_text and --text: give the text once (--tts_text is the original's name for --text)")
+        args.text = args.tts_text
+        notices.append("--tts_text: accepted as --text")
+    if args.enable_tts is not None and args.enable_tts.strip().lower() not in ("0", "false", "no", "off"):
+        if args.text is None:
+            raise LiveAvatarError("--enable_tts: give the words to speak with --text")
+        notices.append(f"--enable_tts: accepted; the text is spoken by the {args.tts or 'espeak'} engine (--tts)")
+    if args.audio is not None and args.text is not None:
+        raise LiveAvatarError("--audio and --text: give one of them (a speech file, or words to speak)")
+    if args.audio is None and args.text is None:
+        raise LiveAvatarError("no speech: give --audio FILE (a recording) or --text 'words to speak'")
+    if args.text is None:
+        for flag in ("voice", "tts"):
+            if getattr(args, flag) is not None:
+                raise LiveAvatarError(f"--{flag}: only used with --text (the speech comes from --audio)")
+    return notices
+
+
 def _check_compat(args) -> list[str]:
     """Raises for refused flags; returns the notices for accepted ones (logged once the run log is open)."""
     notices = [f"--{flag}: accepted; {why}" for flag, why in COMPAT_NOTICE.items() if getattr(args, flag) is not None]
@@ -180,6 +254,9 @@ def _check_compat(args) -> list[str]:
 
 
 def _default_output(args) -> Path:
+    if args.audio is None:  # a text job: named by its first words
+        words = "_".join("".join(c for c in w if c.isascii() and c.isalnum()) for w in args.text.split()[:4]).strip("_")
+        return args.save_dir / f"{args.image.stem}_{words[:40].strip('_') or 'text'}.mp4"
     return args.save_dir / f"{args.image.stem}_{args.audio.stem}.mp4"
 
 
@@ -208,12 +285,15 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     import torch
     from tqdm import tqdm
 
-    from liveavatar.engine.job import JobResult, JobSpec, preflight, run_job
+    from liveavatar.engine.job import (
+        STATE_DIR_SUFFIX, JobResult, JobSpec, preflight, run_job, speech_file_for, synthesize_text,
+    )
     from liveavatar.interfaces.backend import NO_GPU, Backend, resolve_device
 
-    output = args.save_file or _default_output(args)
     _setup_logging(args.log_level, None)
-    notices = _check_compat(args)
+    notices = _check_text_input(args)
+    output = args.save_file or _default_output(args)
+    notices += _check_compat(args)
     # Without --device and without a GPU, NO_GPU is said after the inputs are checked, before anything loads.
     device, dtype = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype,
                                    args.fp8)
@@ -221,12 +301,15 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
         raise LiveAvatarError("--resume: a run on several GPUs keeps its caches in several processes and cannot be "
                               "resumed; use --gpus 1")
     spec = JobSpec(
-        image=args.image, audio=args.audio, prompt=args.prompt, output=output, size=args.size, num_clip=args.num_clip,
+        image=args.image, audio=args.audio if args.text is None else speech_file_for(output), prompt=args.prompt,
+        output=output, size=args.size, num_clip=args.num_clip,
         infer_frames=args.infer_frames, sample_steps=args.sample_steps, seed=args.base_seed,
         save_latents=args.save_latents, resume=args.resume, trim_silence=args.trim_silence,
         normalize_loudness=args.normalize_loudness, rolling_sink=args.sink_frame == "rolling",
-        lead_in=not args.original_timing, overwrite=args.overwrite,
+        text=args.text, voice=args.voice, tts=args.tts, lead_in=not args.original_timing, overwrite=args.overwrite,
     )
+    # A resumed text job speaks the speech its interrupted run synthesised (a neural voice need not repeat itself).
+    synthesize_text(spec, reuse=args.resume and Path(str(output) + STATE_DIR_SUFFIX).exists())
     warnings: list[str] = []
     preflight(spec, warnings)
     if args.device is None and not torch.cuda.is_available():
@@ -235,10 +318,16 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     log.info("run: %s", shlex.join(["liveavatar", *args.argv]))  # pastes back into a shell
     for notice in notices:
         log.info("%s", notice)
+    if spec.text is not None:
+        log.info("speech: %d characters of text spoken by the %s engine (voice %s) into %s", len(spec.text),
+                 spec.tts or "espeak", spec.voice or "default", spec.audio)
     for warning in warnings:  # before anything loads: a small image, --num_clip beyond the speech
         log.warning("%s", warning)
     log.info("device %s (%s), torch %s", device, dtype, torch.__version__)
-    pipe = Backend.from_args(args).open()
+    backend = Backend.from_args(args)
+    if backend.decoder.path is not None:
+        log.info("decoder %s: %s", backend.decoder.name, backend.decoder.path)
+    pipe = backend.open()
     bar = None
     gpu_csv = output.with_suffix(".gpu_memory.csv") if device.startswith("cuda") else None
     if gpu_csv is not None:
@@ -254,6 +343,8 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
                 log.info("mean per block (ms): %s", {k: round(v, 1) for k, v in item.stage_ms.items()})
                 gpu = f", GPU {item.peak_gpu_memory_gb:.2f} GiB" if item.peak_gpu_memory_gb is not None else ""
                 log.info("peak memory: host %.2f GiB%s", item.peak_host_memory_gb, gpu)
+                if spec.text is not None:  # the speech is in the video; its file was kept only for --resume
+                    Path(spec.audio).unlink(missing_ok=True)
                 _print_path(item.output)
                 return 0
             if bar is None:
@@ -326,7 +417,47 @@ def cmd_download(args, stop: "_StopFlag") -> int:
     from liveavatar.weights import hub
 
     _setup_logging("INFO", None)
-    print(hub.download(args.ckpt_dir))
+    if args.tts is not None or args.voice is not None:
+        print(_download_voice(args.tts, args.voice))
+        return 0
+    print(hub.download(args.ckpt_dir, decoders=(args.decoder,)))
+    return 0
+
+
+def _download_voice(engine: str | None, voice: str | None) -> Path:
+    from liveavatar import tts
+
+    if engine is None:
+        raise LiveAvatarError("--voice: name the engine too, e.g. --tts piper")
+    engine = engine.strip().lower()
+    if engine not in tts.engine_names():
+        raise LiveAvatarError(f"--tts {engine}: unknown speech engine; pick one of {', '.join(tts.engine_names())}")
+    if engine != "piper":
+        raise LiveAvatarError(f"--tts {engine}: its voices come with the engine; only piper voices are downloaded")
+    from liveavatar.tts.piper import PiperEngine, download_voice
+
+    voice = voice or PiperEngine.default_voice
+    log.info("downloading the Piper voice %s", voice)
+    path = download_voice(voice)
+    if not PiperEngine.available():
+        log.warning("the voice is downloaded; to speak with it: %s", PiperEngine.install_hint)
+    return path
+
+
+def cmd_voices(args, stop: "_StopFlag") -> int:
+    from liveavatar import tts
+
+    if args.tts is None:
+        for line in tts.describe_engines():
+            print(line)
+        return 0
+    engine = tts.get_engine(args.tts)
+    voices = engine.voices()
+    for voice in voices:
+        print(voice)
+    if not voices:
+        print(f"no {engine.name} voices here yet: `liveavatar download --tts {engine.name} --voice NAME` fetches one",
+              file=sys.stderr)
     return 0
 
 
@@ -358,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = _StopFlag()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return {"generate": cmd_generate, "download": cmd_download, "app": cmd_app, "serve": cmd_serve}[args.command](args, stop)
+        return {"generate": cmd_generate, "download": cmd_download, "app": cmd_app, "serve": cmd_serve,
+                "voices": cmd_voices}[args.command](args, stop)
     except LiveAvatarError as e:
         _log_to_files(str(e))
         print(f"error: {e}", file=sys.stderr)

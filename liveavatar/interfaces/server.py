@@ -1,6 +1,6 @@
 """`liveavatar serve`: an HTTP API for generation jobs and live sessions (FastAPI), and a player page.
 
-Jobs (a reference image, a speech file, a prompt and options, uploaded as multipart form data):
+Jobs (a reference image, a speech file or a text to speak, a prompt and options, as multipart form data):
 
     POST /jobs                       submit; 202 with the job's id (429 when the queue is full)
     GET  /jobs/{id}                  state, queue position, progress, result or error
@@ -10,9 +10,11 @@ Jobs (a reference image, a speech file, a prompt and options, uploaded as multip
 
 Live sessions (speech pushed while the avatar is generated, see liveavatar.engine.live):
 
-    POST /sessions                   image + prompt + options; 201 with the session's id
-    WS   /sessions/{id}/ws           push 16 kHz mono s16le PCM (binary); receive JSON events (text) and the
-                                     session's fragmented MP4 (binary); the session ends when it closes
+    POST /sessions                   image + prompt + options (the decoder among them); 201 with the session's id
+    WS   /sessions/{id}/ws           push 16 kHz mono s16le PCM (binary) or text to speak (JSON {"type": "text",
+                                     "text": ..., "voice": ..., "tts": ...}, spoken sentence by sentence); receive
+                                     JSON events (text) and the session's fragmented MP4 (binary); the session
+                                     ends when it closes
     GET  /sessions/{id}/video        the session's video for further viewers (from the newest block on)
     POST /sessions/{id}/close
 
@@ -40,13 +42,15 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket, W
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec
+from liveavatar import tts
+from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec, synthesize_text
 from liveavatar.engine.live import LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
 from liveavatar.engine.worker import FINISHED, JobTask, QueueFull, SessionTask, EngineWorker
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.media import audio as audio_io
 from liveavatar.media import image as image_io
 from liveavatar.media.video import PARTIAL_SUFFIX
+from liveavatar.tts.speaker import TextSpeaker
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,25 @@ def _check_upload(check, path: Path, upload: UploadFile, field: str) -> None:
         raise HTTPException(400, f"{field} ({upload.filename}): {str(e).replace(str(path), upload.filename)}") from None
 
 
+def _check_tts(text: str | None, engine: str | None, voice: str | None, limit: int | None) -> tuple[str | None, str | None]:
+    """Checks a request's text (unless None), engine and voice without synthesising; 400 names the field."""
+    engine, voice = engine or None, voice or None
+    if text is not None:
+        try:
+            tts.check_text(text, limit)
+        except tts.TTSError as e:
+            raise HTTPException(400, f"text: {e}") from None
+    try:
+        chosen = tts.get_engine(engine)
+    except tts.TTSError as e:
+        raise HTTPException(400, f"tts: {e}") from None
+    try:
+        voice = chosen.check_voice(voice) if voice is not None else None
+    except tts.TTSError as e:
+        raise HTTPException(400, f"voice: {e}") from None
+    return engine, voice
+
+
 def _check_size(size: str) -> None:
     try:
         image_io.parse_size(size)
@@ -132,6 +155,12 @@ def _check_steps(worker: EngineWorker, sample_steps: int) -> None:
     fixed = worker.pipe.fixed_sample_steps
     if fixed is not None and sample_steps != fixed:
         raise HTTPException(422, f"sample_steps: this server's multi-GPU pipeline runs {fixed} steps, not {sample_steps}")
+
+
+def _check_decoder(worker: EngineWorker, decoder: str | None) -> None:
+    if decoder is not None and decoder not in worker.pipe.decoders:
+        raise HTTPException(422, f"decoder: {decoder!r} is not loaded in this server (it has "
+                                 f"{', '.join(worker.pipe.decoders)}; start it with --decoder {decoder} for that one)")
 
 
 def _task(worker: EngineWorker, task_id: str, kind: type, noun: str):
@@ -239,13 +268,18 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     def health() -> dict:
         running = worker.running
         return {"status": "ok", "device": str(worker.pipe.device), "queued": worker.queued,
-                "max_queue": worker.max_queue, "running": running.id if running else None}
+                "max_queue": worker.max_queue, "running": running.id if running else None,
+                "decoder": worker.pipe.decoder_name, "decoders": list(worker.pipe.decoders)}
 
     # ------------------------------------------------------------------ jobs
     @app.post("/jobs", status_code=202)
     def submit_job(
         image: UploadFile = File(..., description="reference image (PNG, JPEG, WebP, ...)"),
-        audio: UploadFile = File(..., description="speech: wav, mp3, flac, m4a, ogg, ..."),
+        audio: UploadFile | None = File(None, description="speech: wav, mp3, flac, m4a, ogg, ... (or text)"),
+        text: str | None = Form(None, description=f"words to speak instead of an audio upload (at most "
+                                f"{tts.MAX_TEXT_CHARS} characters)"),
+        voice: str | None = Form(None, description="with text: the voice (e.g. en-us, de; a Piper voice name)"),
+        tts_engine: str | None = Form(None, alias="tts", description="with text: the speech engine (espeak, piper)"),
         prompt: str = Form("A person is talking."),
         size: str = Form(default_size, description="pixel budget W*H, e.g. 704*384 or 384*256"),
         num_clip: int | None = Form(None, ge=1, description="clips of 48 frames (default: cover the audio)"),
@@ -256,18 +290,36 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     ) -> dict:
         _check_size(size)
         _check_steps(worker, sample_steps)
+        has_audio = audio is not None and bool(audio.filename)
+        if has_audio and text is not None:
+            raise HTTPException(400, "audio and text: give one of them (a speech file, or words to speak)")
+        if not has_audio and text is None:  # as FastAPI reports a missing field
+            raise HTTPException(422, [{"type": "missing", "loc": ["body", "audio"], "input": None,
+                                       "msg": "Field required: upload speech (audio) or give words to speak (text)"}])
+        if text is None and (voice or tts_engine):
+            raise HTTPException(400, f"{'voice' if voice else 'tts'}: only used with text (the speech is the upload)")
+        if text is not None:
+            tts_engine, voice = _check_tts(text, tts_engine, voice, tts.MAX_TEXT_CHARS)
         job_id = uuid.uuid4().hex
         folder = work_dir / "jobs" / job_id
         folder.mkdir(parents=True)
         with _removed_on_failure(folder):
-            image_path, audio_path = folder / "image", folder / "audio"
+            image_path, audio_path = folder / "image", folder / ("audio" if text is None else "speech.wav")
             _save_upload(image, image_path, "image")
-            _save_upload(audio, audio_path, "audio")
             _check_upload(image_io.load_image, image_path, image, "image")
-            _check_upload(lambda path: audio_io.load_audio(path, max_seconds=max_audio_s), audio_path, audio, "audio")
+            if text is None:
+                _save_upload(audio, audio_path, "audio")
+                _check_upload(lambda path: audio_io.load_audio(path, max_seconds=max_audio_s), audio_path, audio, "audio")
             spec = JobSpec(image=image_path, audio=audio_path, prompt=prompt, output=folder / OUTPUT_NAME, size=size,
                            num_clip=num_clip, sample_steps=sample_steps, seed=seed, trim_silence=trim_silence,
-                           normalize_loudness=normalize_loudness, max_audio_s=max_audio_s)
+                           normalize_loudness=normalize_loudness, max_audio_s=max_audio_s, text=text, voice=voice,
+                           tts=tts_engine)
+            if text is not None:  # synthesised here, so that speech too long for the job is refused at once
+                try:
+                    synthesize_text(spec)
+                    audio_io.load_audio(audio_path, max_seconds=max_audio_s)
+                except InputError as e:
+                    raise HTTPException(400, f"text: {str(e).replace(str(audio_path), 'the synthesised speech')}") from None
             task = worker.submit(JobTask(kind="job", id=job_id, spec=spec, folder=folder))
         return _job_view(worker, task)
 
@@ -304,6 +356,8 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         return _job_view(worker, task)
 
     # ------------------------------------------------------------------ live sessions
+    session_voices: dict[str, tuple[str | None, str | None]] = {}  # id -> the engine and voice of its text messages
+
     @app.post("/sessions", status_code=201)
     async def create_session(
         image: UploadFile = File(..., description="reference image"),
@@ -312,9 +366,17 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         sample_steps: int = Form(4, ge=1, le=50),
         seed: int = Form(42, ge=0, le=MAX_SEED),
         rolling_sink: bool = Form(True, description="after the first clip, the first generated frame becomes the reference"),
+        voice: str | None = Form(None, description="the voice of text messages (default: the engine's own)"),
+        tts_engine: str | None = Form(None, alias="tts", description="the speech engine of text messages (espeak, piper)"),
+        decoder: str | None = Form(None, description="what makes the frames: 'wan' (the Wan2.1 VAE) or 'taew2_1' (the "
+                                   "light decoder, if the server was started with --decoder taew2_1); default: the "
+                                   "server's --decoder (see /health)"),
     ) -> dict:
         _check_size(size)
         _check_steps(worker, sample_steps)
+        _check_decoder(worker, decoder)
+        # The engine and voice of the session's text messages, checked now (a message may name others).
+        speaking = _check_tts(None, tts_engine, voice, None) if voice or tts_engine else (None, None)
         session_id = uuid.uuid4().hex
         folder = work_dir / "sessions" / session_id
         folder.mkdir(parents=True)
@@ -322,11 +384,13 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         with _removed_on_failure(folder):
             _save_upload(image, image_path, "image")
             _check_upload(image_io.load_image, image_path, image, "image")
-            session = LiveSession(SessionOptions(image_path, prompt, size, sample_steps, seed, rolling_sink))
+            session = LiveSession(SessionOptions(image_path, prompt, size, sample_steps, seed, rolling_sink, decoder))
             task = worker.submit(SessionTask(kind="session", id=session_id, session=session, folder=folder))
+            session_voices[session_id] = speaking
         async def close_unclaimed():
             await asyncio.sleep(SESSION_CONNECT_S)
             if not task.connected:
+                session_voices.pop(session_id, None)
                 worker.cancel(task)
 
         app.state.background = getattr(app.state, "background", set())
@@ -381,6 +445,11 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         await websocket.accept()
         await websocket.send_text(json.dumps({"type": "session", **_session_view(worker, task)}))
         events, deliver = _subscribe_async(task.session)
+        loop = asyncio.get_running_loop()
+        engine, voice = session_voices.pop(session_id, (None, None))
+        # Text messages are synthesised sentence by sentence on the speaker's thread; its events join the others.
+        speaker = TextSpeaker(task.session, engine, voice,
+                              on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, ("speech", event)))
 
         async def send_events():
             while True:
@@ -391,6 +460,8 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
                 elif event[0] == "block":
                     await websocket.send_text(_block_json(event[1]))
                     await websocket.send_bytes(event[2])
+                elif event[0] == "speech":  # a sentence of text queued whole, or one that failed
+                    await websocket.send_text(json.dumps(event[1]))
                 else:
                     if event[2]:
                         await websocket.send_bytes(event[2])
@@ -413,8 +484,27 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
                         await websocket.send_text(json.dumps({"type": "error", "detail": str(e)}))
                     except LiveAvatarError:  # closed meanwhile; the "end" event follows
                         return
-                elif json.loads(message.get("text") or "{}").get("type") == "close":
-                    worker.cancel(task)
+                else:
+                    try:
+                        request = json.loads(message.get("text") or "{}")
+                        kind = request.get("type", "text" if "text" in request else None)
+                    except (ValueError, AttributeError):
+                        await websocket.send_text(json.dumps({"type": "error", "detail": "text messages are JSON "
+                                                              "objects: {\"type\": \"text\", \"text\": ...} or {\"type\": \"close\"}"}))
+                        continue
+                    if kind == "close":
+                        worker.cancel(task)
+                    elif kind == "text":
+                        await speak(request)
+
+        async def speak(request: dict):
+            """Queues a text message's sentences; tells the client how many, or why not."""
+            try:
+                sentences = await asyncio.to_thread(speaker.say, request.get("text"), request.get("tts"), request.get("voice"))
+            except LiveAvatarError as e:
+                await websocket.send_text(json.dumps({"type": "error", "detail": str(e)}))
+                return
+            await websocket.send_text(json.dumps({"type": "text", "sentences": sentences}))
 
         sender = asyncio.ensure_future(send_events())
         receiver = asyncio.ensure_future(receive_speech())
@@ -426,6 +516,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
+            speaker.close()
             sender.cancel()
             receiver.cancel()
             task.session.unsubscribe(deliver)

@@ -29,6 +29,15 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
+def indexed(device: torch.device | str) -> torch.device:
+    """`cuda` as `cuda:<current device>`: some torch.cuda calls (get_per_process_memory_fraction) refuse a device
+    without an index, and `--device cuda` is what users give."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _pinned(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
@@ -89,7 +98,7 @@ class BlockStreamer:
     """
 
     def __init__(self, blocks: nn.ModuleList, device: torch.device, slots: int = 2):
-        device = torch.device(device)
+        device = indexed(device)
         if len(blocks) % slots:
             raise ValueError(f"{len(blocks)} blocks do not cycle evenly through {slots} buffers")
         self.device, self.num_blocks, self.slots = device, len(blocks), slots
@@ -189,13 +198,13 @@ def resident_blocks_that_fit(resident: int, block_bytes: int, allocated: int, pe
 def fit_resident_blocks(streamer: BlockStreamer) -> int:
     """On a GPU, once a stream has run a whole clip since the peak was reset (every stage at its full size): keeps
     as many blocks resident as the memory left allows, within the process's memory fraction. Returns the count."""
-    device = streamer.device
+    device = indexed(streamer.device)
     if device.type != "cuda":
         return streamer.resident_count
     torch.cuda.synchronize(device)
     allocated = torch.cuda.memory_allocated(device)
     free, total = torch.cuda.mem_get_info(device)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)  # torch >= 2.6
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device.index)  # torch >= 2.6
     cap = int(fraction * total)
     # The device's free memory plus what the allocator holds unused, within the fraction the process may use.
     available = min(cap - allocated, free + torch.cuda.memory_reserved(device) - allocated)

@@ -1,7 +1,7 @@
 "use strict";
 // The player page of `liveavatar serve`: a job's MP4 plays from /jobs/{id}/live while it is written;
-// a live session sends speech over its WebSocket and plays the MP4 fragments that come back through
-// Media Source Extensions. `window.liveavatar` holds what happened, with timings (performance.now()).
+// a live session sends speech (or text to speak) over its WebSocket and plays the MP4 fragments that come
+// back through Media Source Extensions. `window.liveavatar` holds what happened, with timings (performance.now()).
 
 const SAMPLE_RATE = 16000;
 const CHUNK_SAMPLES = 1600; // 100 ms of speech per WebSocket message
@@ -27,6 +27,10 @@ $("job-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const form = new FormData(event.target);
   if (!form.get("num_clip")) form.delete("num_clip");
+  // Speech or a text to speak: the one not given is left out of the request.
+  if (!form.get("text").trim()) form.delete("text");
+  if (!form.get("voice")) form.delete("voice");
+  if (!form.get("audio") || !form.get("audio").name) form.delete("audio");
   $("job-status").textContent = "uploading…";
   $("job-download").hidden = true;
   const response = await fetch("/jobs", { method: "POST", body: form });
@@ -150,14 +154,16 @@ $("session-form").addEventListener("submit", async (event) => {
   upload.append("image", form.image.files[0]);
   upload.append("prompt", form.prompt.value);
   upload.append("size", form.size.value);
+  if (form.voice.value) upload.append("voice", form.voice.value);
   const speechFile = $("session-speech").files[0];
+  const text = $("session-text").value.trim();
   const samples = speechFile ? await speechFromFile(speechFile) : null;
   $("session-status").textContent = "starting…";
   const response = await fetch("/sessions", { method: "POST", body: upload });
   if (!response.ok) { $("session-status").textContent = `error ${await errorText(response)}`; return; }
   const session = await response.json();
   const record = { id: session.id, blocks: [], startedAt: performance.now(), firstSpeechAt: null, speechSent: 0,
-                   firstBlockAt: null, firstPlaybackAt: null, ended: false, error: null };
+                   firstBlockAt: null, firstPlaybackAt: null, ended: false, error: null, said: [] };
   state.session = record;
   const video = $("session-video");
   firstPlayback(video, record);
@@ -165,8 +171,17 @@ $("session-form").addEventListener("submit", async (event) => {
   const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}${session.links.ws}`);
   socket.binaryType = "arraybuffer";
   let stopSpeech = () => {};
+  // Text is sent as JSON; the server synthesises it sentence by sentence into the session's speech.
+  const say = (words) => {
+    if (record.firstSpeechAt === null) record.firstSpeechAt = performance.now();
+    socket.send(JSON.stringify({ type: "text", text: words }));
+  };
   socket.onopen = async () => {
-    stopSpeech = samples ? streamFile(samples, socket, record) : await streamMicrophone(socket, record);
+    $("session-say").disabled = false;
+    $("session-say").onclick = () => { if ($("session-text").value.trim()) say($("session-text").value); };
+    if (samples) stopSpeech = streamFile(samples, socket, record);
+    else if (text) say(text);
+    else stopSpeech = await streamMicrophone(socket, record);
   };
   socket.onmessage = ({ data }) => {
     if (typeof data !== "string") { player.append(data); return; }
@@ -184,9 +199,10 @@ $("session-form").addEventListener("submit", async (event) => {
       record.error = message.error;
       player.finish();
       $("session-status").textContent = message.error ? `ended: ${message.error}` : "ended";
-    } else if (message.type === "error") $("session-status").textContent = message.detail;
+    } else if (message.type === "speech") record.said.push(message);  // a sentence of text queued to be spoken
+    else if (message.type === "error") $("session-status").textContent = message.detail;
   };
-  socket.onclose = () => { stopSpeech(); $("session-stop").disabled = true; };
+  socket.onclose = () => { stopSpeech(); $("session-stop").disabled = true; $("session-say").disabled = true; };
   $("session-stop").disabled = false;
   $("session-stop").onclick = () => socket.send(JSON.stringify({ type: "close" }));
 });

@@ -268,7 +268,14 @@ $("session-form").addEventListener("submit", async (event) => {
   const note = (text) => { record.notes.push(text); $("session-notes").textContent = record.notes.slice(-4).join("\n"); };
   socket.onmessage = ({ data }) => {
     if (typeof data !== "string") {
-      if (awaitingBytes) { awaitingBytes.bytesAt = performance.now(); awaitingBytes = null; }
+      if (awaitingBytes) {
+        awaitingBytes.bytesAt = performance.now();
+        // Where playback stood when the block arrived (what the buffering part waits for).
+        const b = video.buffered;
+        awaitingBytes.playback = { time: video.currentTime, buffered_end: b.length ? b.end(b.length - 1) : 0,
+                                   ready: video.readyState, paused: video.paused };
+        awaitingBytes = null;
+      }
       player.append(data);
       return;
     }

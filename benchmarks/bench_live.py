@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_live --realtime --compile --fp8 --seconds 30        # the real-time preset, one GPU
     python -m benchmarks.bench_live --size 704*384 --compile --fp8 --seconds 30    # a size that cannot keep up
+    python -m benchmarks.bench_live --realtime --size 704*384 --on_slow downgrade --compile --fp8   # ... stepping down
     python -m benchmarks.bench_live --scale tiny --device cpu --size 128*128 --seconds 3 --steady_from 1   # CI
 
 A client pushes 100 ms of speech every 100 ms (the example speech, repeated: real pauses between phrases) for
@@ -63,13 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--fp8", action="store_true", help="FP8 linear layers in the transformer")
     p.add_argument("--compile", action="store_true", help="the compiled fast path, as `serve` runs on a GPU")
-    p.add_argument("--size", default="384*256", help="pixel budget W*H (ignored with --realtime)")
+    p.add_argument("--size", default=None, help="pixel budget W*H (default: the preset with --realtime, else 384*256; "
+                   "with --realtime a given size runs after the calibration, which gives it sizes to step down to)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--realtime", action="store_true", help="calibrate the candidates and run the real-time preset")
     p.add_argument("--sizes", default=",".join(CANDIDATE_SIZES), help="the candidates with --realtime")
     p.add_argument("--steps_options", default=",".join(map(str, CANDIDATE_STEPS)), help="their step counts")
     p.add_argument("--speed_table", type=Path, default=None, help="a speed table file to read and update (default: none)")
     p.add_argument("--calibration_blocks", type=int, default=calibration.CALIBRATION_BLOCKS)
+    p.add_argument("--calibrate_all", action="store_true", help="measure every candidate, not only up to the first "
+                   "that keeps up")
     p.add_argument("--seconds", type=float, default=30.0, help="speech pushed in real time")
     p.add_argument("--steady_from", type=int, default=STEADY_FROM, help="first block of the summary")
     p.add_argument("--on_slow", choices=["keep", "downgrade"], default="keep",
@@ -173,15 +177,16 @@ def main(argv=None) -> dict:
     result["machine"] = table.machine
     with tempfile.TemporaryDirectory(prefix="liveavatar-bench-live-") as folder:
         image = calibration.synthetic_image(Path(folder) / "face.png")
-        size, steps = args.size, args.steps
+        size, steps = args.size or "384*256", args.steps
         if args.realtime:
             t0 = time.perf_counter()
             result["calibration"] = calibration.calibrate(pipe, realtime, blocks=args.calibration_blocks,
-                                                          steady_from=min(args.steady_from, args.calibration_blocks - 4))
+                                                          steady_from=min(args.steady_from, args.calibration_blocks - 4),
+                                                          stop_when_found=not args.calibrate_all)
             result["calibration_s"] = time.perf_counter() - t0
             choice = realtime.choice()
             result["realtime"] = choice.to_dict()
-            if choice.size is not None:
+            if choice.size is not None and args.size is None:
                 size, steps = choice.size, choice.steps
         result["speeds"] = table.entries()
         warmup = args.warmup_blocks if args.warmup_blocks is not None else (0 if args.realtime else WARMUP_BLOCKS)
@@ -190,6 +195,7 @@ def main(argv=None) -> dict:
             options = SessionOptions(image, size=size, sample_steps=steps, max_lag_s=None)
             run_session(pipe, None, options, calibration.synthetic_speech((warmup + 1) * 0.48), close_after_blocks=warmup)
             result["warmup_s"] = time.perf_counter() - t0
+            calibration._release(pipe)
         options = SessionOptions(image, size=size, sample_steps=steps, on_slow=args.on_slow, max_lag_s=args.max_lag_s,
                                  steady_from=args.steady_from)
         run = run_session(pipe, realtime, options, speech(args.seconds))

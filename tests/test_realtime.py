@@ -261,3 +261,37 @@ def test_catching_up_drops_only_silence_and_accounts_for_every_sample():
 def test_silent_frames():
     x = np.concatenate([np.zeros(640, np.float32), tone(0.04), np.full(100, 0.5, np.float32)])
     assert silent_frames(x).tolist() == [True, True, False, False]
+
+
+def test_service_flags_open_the_table_and_queue_the_calibration(tmp_path):
+    import types
+
+    import torch
+
+    from liveavatar.engine.calibration import CalibrationTask
+    from liveavatar.errors import LiveAvatarError
+    from liveavatar.interfaces import cli
+    from liveavatar.interfaces.backend import open_realtime
+
+    class Worker:
+        realtime, submitted = None, []
+
+        def submit(self, task):
+            self.submitted.append(task)
+
+    pipe = types.SimpleNamespace(device=torch.device("cpu"), fixed_sample_steps=None, fast=False)
+    args = cli.build_parser().parse_args(["serve", "--realtime", "--speed_table", str(tmp_path / "s.json"),
+                                          "--realtime_sizes", "128*128,64x64", "--realtime_steps", "4"])
+    worker = Worker()
+    realtime = open_realtime(args, pipe, worker)
+    assert worker.realtime is realtime and realtime.default and realtime.sizes == ("128*128", "64*64")
+    assert realtime.steps == (4,) and realtime.table.path == tmp_path / "s.json"
+    assert [type(t) for t in worker.submitted] == [CalibrationTask] and realtime.calibration.state == "queued"
+    assert not worker.submitted[0].redo
+    worker.submitted.clear()
+    plain = open_realtime(cli.build_parser().parse_args(["app"]), pipe, worker)  # no --realtime: no calibration
+    assert not plain.default and worker.submitted == [] and plain.sizes == rt.CANDIDATE_SIZES
+    again = open_realtime(cli.build_parser().parse_args(["serve", "--calibrate", "always"]), pipe, worker)
+    assert worker.submitted[0].redo and not again.default
+    with pytest.raises(LiveAvatarError, match="--realtime_sizes 'big'"):
+        open_realtime(cli.build_parser().parse_args(["serve", "--realtime_sizes", "big"]), pipe, worker)

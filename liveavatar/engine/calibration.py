@@ -73,7 +73,20 @@ def measure(pipe, realtime: Realtime, size: str, steps: int, blocks: int = CALIB
         session.run(pipe)
         fps = dict(session.speeds_measured).get((size, steps))
         log.info("calibration: %s at %d steps took %.1f s for %d blocks", size, steps, time.perf_counter() - t0, blocks)
+        del session, count
+        _release(pipe)
         return fps
+
+
+def _release(pipe) -> None:
+    """Frees what a finished stream held before the next one allocates (its caches, at up to the largest size)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if pipe.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def calibrate(pipe, realtime: Realtime, redo: bool = False, blocks: int = CALIBRATION_BLOCKS,

@@ -244,12 +244,14 @@ def test_player_page_job_and_live_session_speak_text(server, page, tmp_path):
     for _ in range(MAX_POLLS):
         state = page.evaluate("() => window.liveavatar.session")
         said = sum(s["speech_samples"] for s in state["said"]) if state else 0
-        spoken = sum(b["speech_samples"] for b in state["blocks"]) if state else 0
+        # Spoken, or dropped as a pause to catch up (a session behind real time, as on a busy CPU).
+        spoken = sum(b["speech_samples"] + b["dropped_samples"] for b in state["blocks"]) if state else 0
         if said and spoken == said and len(state["said"]) == 2:
             break
         page.wait_for_timeout(POLL_MS)
     assert [s["text"] for s in state["said"]] == ["Hello there.", "I am a talking avatar, and I read what you type."]
-    assert spoken == said and sum(1 for b in state["blocks"] if b["speech_samples"]) >= said // 7680
+    dropped = sum(b["dropped_samples"] for b in state["blocks"])
+    assert spoken == said and sum(1 for b in state["blocks"] if b["speech_samples"]) >= (said - dropped) // 7680
     played = page.evaluate("() => document.querySelector('#session-video').currentTime")
     assert played > 0 and not state["ended"] and state["error"] is None
     assert_not_blank(page.locator("#session-video").screenshot(), "live session (text)", tmp_path / "player-text.png")

@@ -161,9 +161,10 @@ class LiveSpeech:
         self.dropped_samples = 0  # silence dropped to catch up, in all
         self._lock = threading.Condition()
 
-    def push(self, samples: np.ndarray) -> int:
+    def push(self, samples: np.ndarray, at: float | None = None) -> int:
         """Queues 16 kHz mono float32 speech to be spoken after what was pushed before; returns the position of
-        its first sample in everything pushed (a block's `speech_start` counts the same way)."""
+        its first sample in everything pushed (a block's `speech_start` counts the same way). `at`: when it was
+        pushed (its clock's time), if before now."""
         samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)
         with self._lock:
             if self._closed:
@@ -175,7 +176,7 @@ class LiveSpeech:
                 )
             start = self._pushed
             if len(samples):
-                now = self.clock()
+                now = self.clock() if at is None else at
                 due = max(now, self._due_end)
                 self._due_end = due + len(samples) / SAMPLE_RATE
                 self._pushes.append((start, start + len(samples), now, due))
@@ -534,7 +535,7 @@ class LiveSession:
         self.plan_message: dict | None = None  # how the request became size and steps (realtime, downgrade)
         self.messages: deque[dict] = deque(maxlen=MESSAGES_KEPT)
         self.speeds_measured: list[tuple[tuple[str, int], float | None]] = []  # per stream: (size, steps), its FPS
-        self._pending_speech: list[np.ndarray] = []  # pushed before the stream exists
+        self._pending_speech: list[tuple[np.ndarray, float]] = []  # pushed before the stream exists, and when
         self._listeners: list[Callable] = []
         self._block_start = b""  # bytes since the newest block's keyframe fragment, for viewers joining late
         self._tail = b""
@@ -548,9 +549,9 @@ class LiveSession:
             if self._closed:
                 raise SessionClosed("the live session is closed")
             if self.speech is None:
-                start = sum(map(len, self._pending_speech))
-                self._pending_speech.append(np.asarray(samples, np.float32))
-                if sum(map(len, self._pending_speech)) / SAMPLE_RATE > MAX_QUEUED_S:
+                start = sum(len(pending) for pending, _ in self._pending_speech)
+                self._pending_speech.append((np.asarray(samples, np.float32), time.monotonic()))
+                if sum(len(pending) for pending, _ in self._pending_speech) / SAMPLE_RATE > MAX_QUEUED_S:
                     self._pending_speech.pop()
                     raise SpeechQueueFull(f"speech queue full: more than {MAX_QUEUED_S:.0f} s pushed before the session started")
                 return start
@@ -591,7 +592,7 @@ class LiveSession:
         return {
             "lag_s": round(speech.lag(), 3) if speech is not None else 0.0,
             "queued_s": round(speech.queued_seconds, 3) if speech is not None else
-            round(sum(map(len, self._pending_speech)) / SAMPLE_RATE, 3),
+            round(sum(len(pending) for pending, _ in self._pending_speech) / SAMPLE_RATE, 3),
             "dropped_s": round(speech.dropped_samples / SAMPLE_RATE, 3) if speech is not None else 0.0,
             "max_lag_s": self.options.max_lag_s, "size": self.size, "sample_steps": self.sample_steps,
             "plan": self.plan_message, "messages": list(self.messages),
@@ -649,8 +650,8 @@ class LiveSession:
             with self._lock:
                 if self._closed:
                     return
-                for samples in self._pending_speech:
-                    speech.push(samples)
+                for samples, pushed_at in self._pending_speech:
+                    speech.push(samples, at=pushed_at)
                 self._pending_speech.clear()
                 self.speech = speech
             muxer = LiveMP4Muxer(cond.width, cond.height, settings.fps)

@@ -51,6 +51,7 @@ from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline  # noqa:
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.media import image as image_io  # noqa: E402
 from liveavatar.parallel.launch import start_pipeline  # noqa: E402
+from liveavatar.parallel.schedule import DECODE_COST  # noqa: E402
 from liveavatar.parallel.worker import DitOptions  # noqa: E402
 
 SEED = 42
@@ -79,6 +80,12 @@ class RandomModels:
 
     def load_vae(self, device: torch.device):
         return build_vae(SCALES[self.scale].vae_dim, device, self.dtype)
+
+    def load_tiny_decoder(self, device: torch.device):
+        return None  # the VAE decodes
+
+    def decode_cost(self) -> float:
+        return DECODE_COST
 
     def load_encoders(self, device: torch.device):
         return None, None  # the conditioning is made up here, not encoded

@@ -1,5 +1,7 @@
-"""Two stages of a block measured alone: the VAE decode of one steady block (3 latents), eager and with the fast
-path's compiled elementwise work, and the MP4 muxing of its 12 frames on the host with nothing else running.
+"""Two stages of a block measured alone: the decode of one steady block (3 latents) by the VAE, eager and with the
+fast path's compiled elementwise work, and by the light TAEW2.1 decoder (random weights at the release's size;
+float16 channels-last on a GPU, eager and replayed as a CUDA graph), and the MP4 muxing of its 12 frames on the
+host with nothing else running.
 
     python -m benchmarks.bench_stages --size 704*384 --json stages.json
     python -m benchmarks.bench_stages --scale tiny --device cpu --size 128*128 --repeats 2
@@ -15,15 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.random_models import SCALES, build_vae
+from benchmarks.random_models import SCALES, build_tiny_decoder, build_vae
 from benchmarks.report import write_json
 from liveavatar.models import fastpath
 from liveavatar.media import image as image_io
+from liveavatar.models.taehv import tiny_decoder_dtype
 
 
-def time_decode(vae, latents: torch.Tensor, repeats: int) -> dict:
-    decoder = vae.streaming_decoder()
-    decoder.decode(latents[:, :, :1])  # the stream's first latent, then a warm-up block
+def time_decode(decoder, latents: torch.Tensor, repeats: int) -> dict:
+    """Median ms of a streaming decoder's steady block: the stream's first latent and two warm-up blocks first
+    (the second lets the light decoder capture its CUDA graph)."""
+    decoder.decode(latents[:, :, :1])
+    decoder.decode(latents[:, :, 1:])
     decoder.decode(latents[:, :, 1:])
     cuda = latents.device.type == "cuda"
     if cuda:
@@ -81,10 +86,16 @@ def main(argv=None) -> dict:
     report = {"size": f"{width}x{height}", "device": str(device)}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
+    tiny = build_tiny_decoder(device, tiny_decoder_dtype(device, dtype))
     with torch.no_grad():
-        report["decode"] = time_decode(vae, latents, args.repeats)
+        report["decode"] = time_decode(vae.streaming_decoder(), latents, args.repeats)
+        report["decode_taew2_1"] = time_decode(tiny.streaming_decoder(), latents, args.repeats)
+        if device.type == "cuda":  # the light decoder as the engine runs it on a GPU: one graph launch a block
+            graphed = tiny.streaming_decoder(cuda_graphs=True)
+            report["decode_taew2_1_graphs"] = time_decode(graphed, latents, args.repeats)
+            report["decode_taew2_1_graphs"]["graph_error"] = graphed.graph_error
         fastpath.compile_decoder(vae)  # the fast path's decoder: its elementwise work compiled
-        report["decode_compiled"] = time_decode(vae, latents, args.repeats)
+        report["decode_compiled"] = time_decode(vae.streaming_decoder(), latents, args.repeats)
     try:
         report["mux"] = time_mux(width, height, args.repeats)
     except ImportError as e:
@@ -94,6 +105,8 @@ def main(argv=None) -> dict:
     d = report["decode"]
     print(f"decode of a block: {d['ms']:.1f} ms" + (f", +{d['peak_extra_gib']:.2f} GiB" if "peak_extra_gib" in d else ""))
     print(f"decode of a block, compiled elementwise work: {report['decode_compiled']['ms']:.1f} ms")
+    print(f"decode of a block by the light TAEW2.1 decoder: {report['decode_taew2_1']['ms']:.1f} ms" +
+          (f", as a CUDA graph {report['decode_taew2_1_graphs']['ms']:.1f} ms" if "decode_taew2_1_graphs" in report else ""))
     print(f"mux of 12 frames alone: {report['mux'].get('ms', float('nan')):.1f} ms")
     return report
 

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from liveavatar.models.dit import S2VConfig, S2VTransformer
 from liveavatar.models.kv_cache import RingCache
+from liveavatar.models.taehv import WIDTHS, TinyDecoder
 from liveavatar.models.vae import WanVAE
 
 _ATTENTION_OPS = ("bmm", "_scaled_dot_product")  # SDPA decomposes into bmm on the meta device
@@ -59,3 +60,20 @@ def block_decode_flops(vae_dim: int, lat_h: int, lat_w: int, latents: int = 3) -
         with FlopCounterMode(display=False) as counter:
             decoder.decode(torch.zeros(1, 16, latents, lat_h, lat_w))
     return _split(counter.get_flop_counts()["Global"])
+
+
+def tiny_block_decode_flops(lat_h: int, lat_w: int, latents: int = 3, widths: tuple = WIDTHS) -> dict[str, float]:
+    """FLOPs of decoding one block of latents (after the first) with the light TAEW2.1 decoder (release widths)."""
+    with torch.device("meta"):
+        decoder = TinyDecoder(widths).streaming_decoder()
+        decoder.decode(torch.zeros(1, 16, 1, lat_h, lat_w))
+        with FlopCounterMode(display=False) as counter:
+            decoder.decode(torch.zeros(1, 16, latents, lat_h, lat_w))
+    return _split(counter.get_flop_counts()["Global"])
+
+
+def decode_flops(decoder: str, vae_dim: int, lat_h: int, lat_w: int, latents: int = 3) -> dict[str, float]:
+    """A block's decode with the named decoder ("wan": the VAE of base width vae_dim; "taew2_1")."""
+    if decoder == "wan":
+        return block_decode_flops(vae_dim, lat_h, lat_w, latents)
+    return tiny_block_decode_flops(lat_h, lat_w, latents)

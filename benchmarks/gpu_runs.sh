@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, one runner process per configuration (each builds its own
 # random 16.3 B-parameter model), raw JSON into $OUT (or ./bench_out). Usage: bash benchmarks/gpu_runs.sh NAME...
-# with NAME among: stages bf16 bf16_compiled fp8_compiled offload24 offload24_fp8 fp8_48 load
+# with NAME among: stages bf16 bf16_compiled fp8_compiled offload24 offload24_fp8 fp8_48 load fp8_light bf16_light
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -23,6 +23,9 @@ for name in "$@"; do
     bf16) bench bf16 150 --blocks 12 --steady_from 6 ;;
     bf16_compiled) bench bf16_compiled 140 --compile --profile --blocks 16 --steady_from 9 ;;
     fp8_compiled) bench fp8_compiled 150 --compile --fp8 --profile --blocks 16 --steady_from 9 ;;
+    # The light TAEW2.1 decoder, then the VAE's, on the same model (two warm-up + measured streams).
+    fp8_light) bench fp8_light 300 --compile --fp8 --profile --decoder taew2_1 wan --blocks 16 --steady_from 9 ;;
+    bf16_light) bench bf16_light 300 --compile --decoder taew2_1 wan --blocks 16 --steady_from 9 ;;
     # Blocks 0-3 stream every transformer block; before block 4 those that fit stay on the GPU.
     offload24) bench offload24 500 --offload --kv_fp8 --memory_gb 24 --blocks 10 --steady_from 6 ;;
     offload24_fp8) bench offload24_fp8 500 --offload --fp8 --kv_fp8 --memory_gb 24 --blocks 10 --steady_from 6 ;;

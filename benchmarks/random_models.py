@@ -3,6 +3,7 @@
     from benchmarks.random_models import FULL, build_pipeline
     pipe = build_pipeline(FULL, device="cuda")            # Wan2.2-S2V-14B sizes, 16.3 B parameters
     pipe = build_pipeline(TINY, device="cpu", dtype=torch.float32)   # seconds on a laptop
+    pipe = build_pipeline(FULL, device="cuda", decoder="taew2_1")    # with the light TAEW2.1 decoder too
 
 Every model is created on the meta device, given its storage dtype there, materialised on the target
 device with `to_empty` and then initialised in place. So a 16.3 B-parameter transformer never exists in
@@ -24,6 +25,8 @@ from torch import nn
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.dit import S2VConfig, S2VTransformer
+from liveavatar.models.taehv import NAME as TINY_DECODER
+from liveavatar.models.taehv import TinyDecoder, tiny_decoder_dtype
 from liveavatar.models.text_encoder import TEXT_LEN, TextEncoder, UMT5Config, UMT5Encoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.weights.checkpoint import FP32_MODULES
@@ -125,6 +128,26 @@ def build_vae(base_dim: int = FULL.vae_dim, device="cuda", dtype=torch.bfloat16,
     return _materialise(model.to(dtype), device, _generator(device, seed))
 
 
+@torch.no_grad()
+def build_tiny_decoder(device="cuda", dtype=torch.float16, seed: int = 4) -> TinyDecoder:
+    """The light TAEW2.1 decoder at the release's widths (every scale: it is the real one's cost that is
+    measured), channels-last as the loader leaves it. Drawn as the golden random checkpoint's values are
+    (../shared/golden/taew2_1): convolutions N(0, 0.81/fan_in), biases N(0, 1e-4), the RGB head's bias 0.5. So
+    the frames stay inside (0, 1) (mean ~0.49, std ~0.1, none clamped) and a comparison of two precisions sees
+    every pixel; with He-scaled weights the nine residual MemBlocks saturate 99.6 % of the pixels."""
+    with torch.device("meta"):
+        model = TinyDecoder()
+    model.to(dtype).to_empty(device=device)
+    generator = _generator(device, seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 4:
+            p.normal_(0.0, 0.9 / math.sqrt(p[0].numel()), generator=generator)
+        else:
+            p.normal_(0.0, 0.01, generator=generator)
+    model.decoder[-1].bias.fill_(0.5)
+    return model.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
 def build_text_encoder(config: UMT5Config = FULL.t5, device="cuda", dtype=torch.bfloat16, seed: int = 2,
                        init_device=None) -> TextEncoder:
     """umT5 with a word tokenizer; init_device as in build_dit."""
@@ -151,16 +174,18 @@ def build_audio_encoder(fields: dict = FULL.wav2vec2, device="cuda", seed: int =
 
 def build_pipeline(scale: ModelScale = FULL, device="cuda", dtype=torch.bfloat16, vae_dtype=None,
                    offload_encoders: bool = False, offload_transformer: bool = False, fp8: bool = False,
-                   kv_dtype: torch.dtype | None = None, fast: bool = False) -> LiveAvatarPipeline:
+                   kv_dtype: torch.dtype | None = None, fast: bool = False, decoder: str = "wan") -> LiveAvatarPipeline:
     """All four models of a scale on `device`, with the options of `LiveAvatarPipeline.from_pretrained`
-    applied the same way (`LiveAvatarPipeline.assemble`)."""
+    applied the same way (`LiveAvatarPipeline.assemble`). decoder="taew2_1": the light decoder too (in the
+    dtype the loader gives it), which then decodes the streams unless one asks for "wan"."""
     device = torch.device(device)
     text = build_text_encoder(scale.t5, "cpu" if offload_encoders else device, dtype, init_device=device)
     audio = build_audio_encoder(scale.wav2vec2, "cpu" if offload_encoders else device)
     vae = build_vae(scale.vae_dim, device, vae_dtype or dtype)
     dit = build_dit(scale.dit, "cpu" if offload_transformer else device, dtype, init_device=device)
+    tiny = build_tiny_decoder(device, tiny_decoder_dtype(device, dtype)) if decoder == TINY_DECODER else None
     return LiveAvatarPipeline.assemble(dit, vae, text, audio, device, offload_encoders, offload_transformer, fp8,
-                                       kv_dtype, fast)
+                                       kv_dtype, fast, tiny_decoder=tiny)
 
 
 def word_tokenizer():

@@ -5,6 +5,7 @@ streaming engine (LiveAvatarPipeline.prepare -> AvatarStream.blocks -> Fragmente
     python -m benchmarks.run --fp8 --compile                           # the fast path with FP8 linear layers
     python -m benchmarks.run --offload --kv_fp8 --memory_gb 24         # low-memory mode within 24 GiB
     python -m benchmarks.run --scale tiny --device cpu --size 128*128 --blocks 2    # CI: seconds
+    python -m benchmarks.run --compile --fp8 --decoder taew2_1 wan     # the light decoder, then the VAE's, one model
 
 Reported (milliseconds unless named otherwise):
 * prepare: reference encode (VAE), prompt (umT5, moved in and out of the GPU), audio features (wav2vec2);
@@ -18,6 +19,10 @@ Reported (milliseconds unless named otherwise):
 * peak memory: the allocator's peak during the measured stream (models included);
 * floor: FLOPs of a block step and a block decode (benchmarks.flops) over the measured matrix-product rate
   of the device: the time no implementation can beat, next to each measured figure.
+
+With several --decoder names, each gets a warm-up stream and a measured stream of its own on the same loaded
+models (the light TAEW2.1 decoder is built beside the VAE): the top-level figures are the first decoder's,
+and "decoders" holds every decoder's (stages, steady_fps, ttff_s, peak memory, floor), side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # Growable allocator segments: the bf16 stream fills 74 of the H100's 79 GiB, and with fixed segments the
@@ -40,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from benchmarks.flops import block_decode_flops, block_step_flops  # noqa: E402
+from benchmarks.flops import block_step_flops, decode_flops  # noqa: E402
 from benchmarks.random_models import SCALES, build_pipeline, num_parameters  # noqa: E402
 from benchmarks.report import emit  # noqa: E402
 from liveavatar.engine.audio_source import audio_source_for  # noqa: E402
@@ -49,6 +55,7 @@ from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.media import image as image_io  # noqa: E402
 from liveavatar.media.audio import load_audio  # noqa: E402
 from liveavatar.media.video import FragmentedMP4Writer  # noqa: E402
+from liveavatar.models.taehv import DECODERS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "examples" / "face.png"
@@ -74,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="the compiled fast path (liveavatar.models.fastpath)")
     p.add_argument("--memory_gb", type=float, default=None, help="cap the process at this many GiB of GPU memory")
     p.add_argument("--concurrent_decode", action="store_true", help="VAE on its own CUDA stream beside the next block's steps")
+    p.add_argument("--decoder", nargs="+", choices=DECODERS, default=["wan"],
+                   help="the decoder(s) to measure, each on its own streams: 'wan' (the VAE) and/or 'taew2_1' (the "
+                        "light decoder, random weights at the release's size, float16 on a GPU)")
     p.add_argument("--no_mux", action="store_true", help="skip the MP4 writer (on machines without PyAV)")
     p.add_argument("--profile", action="store_true", help="after the measured blocks, profile one more and sum GPU kernel time by kind")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
@@ -99,7 +109,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     pipe = build_pipeline(scale, device, dtype, vae_dtype=getattr(torch, args.vae_dtype or args.dtype),
                           offload_encoders=args.offload, offload_transformer=args.offload, fp8=args.fp8,
-                          kv_dtype=torch.float8_e4m3fn if args.kv_fp8 else None, fast=args.compile)
+                          kv_dtype=torch.float8_e4m3fn if args.kv_fp8 else None, fast=args.compile,
+                          decoder="taew2_1" if "taew2_1" in args.decoder else "wan")
     _sync(device)
     result["build_s"] = time.perf_counter() - t0
     result["transformer_parameters"] = num_parameters(pipe.dit)
@@ -119,6 +130,30 @@ def main(argv=None) -> dict:
     result["video"] = {"height": cond.height, "width": cond.width, "blocks": args.blocks,
                        "frames_per_block": settings.video_frames_per_block}
 
+    result["decoders"] = {}
+    for name in dict.fromkeys(args.decoder):  # each once, in the order given
+        measured = measure(pipe, cond, replace(settings, decoder=name), num_clips, args, wave, prepare_s)
+        measured["floor"] = floor(scale, cond, result["environment"], args.fp8, settings, name)
+        result["decoders"][name] = measured
+        for key, value in measured.items():  # the first decoder's figures are the run's
+            result.setdefault(key, value)
+    result["decoder"] = args.decoder[0]
+    result["attention_backend_ms"] = pipe.attention_backend_ms
+    if pipe.dit.block_streamer is not None:  # --offload: blocks kept on the GPU after the first clip
+        result["resident_blocks"] = pipe.dit.block_streamer.resident_count
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        result["compile"] = {"graphs": counters["stats"].get("unique_graphs", 0),
+                             "graph_breaks": dict(counters["graph_break"]), "fallbacks": dict(counters["frames"])}
+    emit(result, args.json)
+    return result
+
+
+def measure(pipe, cond, settings: StreamSettings, num_clips: int, args, wave: np.ndarray, prepare_s: float) -> dict:
+    """A warm-up stream, then the measured one, with settings.decoder: the per-block records and their summary."""
+    device = pipe.device
+    result: dict = {}
     # A short stream first: compilation, kernel autotuning and first-use allocations stay out of the numbers.
     t0 = time.perf_counter()
     warm = pipe.stream(cond, settings, concurrent_decode=args.concurrent_decode)
@@ -149,17 +184,8 @@ def main(argv=None) -> dict:
         stats = torch.cuda.memory_stats(device)
         # Each retry or device free is a device-wide synchronisation inside the loop.
         result["allocator"] = {k: stats.get(k) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")}
-    result["attention_backend_ms"] = pipe.attention_backend_ms
-    if pipe.dit.block_streamer is not None:  # --offload: blocks kept on the GPU after the first clip
-        result["resident_blocks"] = pipe.dit.block_streamer.resident_count
+    if pipe.dit.block_streamer is not None:  # --offload
         result["host_pinned_gib"] = pinned / 2**30  # the streamed blocks and, with FP8 or bf16 rings, the rings
-    if args.compile:
-        from torch._dynamo.utils import counters
-
-        result["compile"] = {"graphs": counters["stats"].get("unique_graphs", 0),
-                             "graph_breaks": dict(counters["graph_break"]), "fallbacks": dict(counters["frames"])}
-    result["floor"] = floor(scale, cond, result["environment"], args.fp8, settings)
-    emit(result, args.json)
     return result
 
 
@@ -287,6 +313,9 @@ def run_stream(pipe, cond, settings: StreamSettings, num_clips: int, args, wave:
         graphs = stream._step_graphs
         if graphs is not None:
             profile = {**(profile or {}), "cuda_graphs": len(graphs.graphs), "cuda_graph_error": graphs.error}
+        if getattr(stream.decoder, "cuda_graphs", False):  # the light decoder's block graphs
+            profile = {**(profile or {}), "decoder_cuda_graphs": len(stream.decoder.graphs),
+                       "decoder_cuda_graph_error": stream.decoder.graph_error}
         if output is not None:
             output.stop()
             output.writer.close()
@@ -337,12 +366,12 @@ def _mean_stages(blocks: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([b["stages_ms"][k] for b in blocks if k in b["stages_ms"]])) for k in names}
 
 
-def floor(scale, cond, env: dict, fp8: bool, settings: StreamSettings) -> dict:
+def floor(scale, cond, env: dict, fp8: bool, settings: StreamSettings, decoder: str = "wan") -> dict:
     """The arithmetic floor of a steady block: 4 steps (linear layers at the FP8 or bf16 rate, attention at
-    the bf16 rate) plus one decode (bf16 rate), at the measured matrix-product ceilings."""
+    the bf16 rate) plus one decode with that decoder (bf16 rate), at the measured matrix-product ceilings."""
     lat_h, lat_w = cond.ref_latent.shape[-2:]
     step = block_step_flops(scale.dit, lat_h, lat_w, settings.latent_frames_per_block, settings.latent_frames_per_clip)
-    decode = block_decode_flops(scale.vae_dim, lat_h, lat_w, settings.latent_frames_per_block)
+    decode = decode_flops(decoder, scale.vae_dim, lat_h, lat_w, settings.latent_frames_per_block)
     rates = env["matmul_tflops"]
     linear_rate = rates["fp8"] if fp8 and "fp8" in rates else rates["bf16"]
     step_ms = (step["linear"] + step["convolution"]) / linear_rate / 1e9 + step["attention"] / rates["bf16"] / 1e9

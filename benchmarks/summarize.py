@@ -1,4 +1,5 @@
-"""Prints one line per runner JSON file: the headline figures next to the floor.
+"""Prints one line per runner JSON file (one per decoder when it measured several): the headline figures next
+to the floor.
 
     python -m benchmarks.summarize bench_out/*.json
 """
@@ -24,7 +25,14 @@ def row(name: str, r: dict) -> list[str]:
 
 
 def main(paths: list[str]) -> None:
-    rows = [COLUMNS] + [row(Path(p).stem, json.loads(Path(p).read_text())) for p in paths]
+    rows = [COLUMNS]
+    for p in paths:
+        result = json.loads(Path(p).read_text())
+        decoders = result.get("decoders", {})
+        if len(decoders) > 1:
+            rows += [row(f"{Path(p).stem}[{name}]", measured) for name, measured in decoders.items()]
+        else:
+            rows.append(row(Path(p).stem, result))
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))

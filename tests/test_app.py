@@ -70,6 +70,27 @@ def test_generate_streams_one_playable_chunk_per_block_then_the_mp4(app):
     assert all(o[2] is None for o in outputs[:-1]), "the download appears only at the end"
 
 
+def test_chunks_and_download_carry_the_uploads_own_rate_and_channels(app, tmp_path):
+    from test_server import stereo_wav
+
+    from liveavatar.media.video import read_audio
+
+    demo, _ = app
+    voice = tmp_path / "voice.wav"
+    voice.write_bytes(stereo_wav(1.0))  # 44.1 kHz stereo, 1 s: the video ends with it, 25 frames
+    outputs = list(run_generate(demo, audio=str(voice), num_clip=0))
+    chunks = [o[0] for o in outputs if isinstance(o[0], str)]
+    assert len(chunks) == 3 and outputs[-1][1].startswith("Done: 25 frames (128x128)")
+    total = 0
+    for chunk in chunks[-2:]:  # the app keeps the newest two
+        planes, rate, layout = read_audio(chunk)
+        assert (rate, layout) == (44100, "stereo")
+        total += len(read_video(chunk)[0])
+    assert total == 25 - 9  # blocks 1 and 2: 12 frames, then the last 4 (the video stops with the speech)
+    planes, rate, layout = read_audio(outputs[-1][2])
+    assert (rate, layout) == (44100, "stereo") and abs(planes.shape[1] / rate - 1.0) < 0.03
+
+
 def test_cancel_stops_the_job_and_offers_what_was_made(app):
     demo, worker = app
     outputs = run_generate(demo, num_clip=3)
@@ -130,26 +151,29 @@ requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="
 @requires_espeak
 def test_generate_from_text_speaks_it(app):
     from liveavatar import tts
-    from liveavatar.engine.audio_source import clips_covered
+    from liveavatar.media.audio import load_audio
     from liveavatar.tts.speaker import to_speech_rate
 
     text = "Hello there. I read what you type."
     outputs, chunk_sounds = [], []
     for output in run_generate(demo=app[0], audio=None, num_clip=0, text=text, tts="espeak", voice="en-gb"):
         outputs.append(output)
-        if isinstance(output[0], str):  # read when handed over, as Gradio does
-            chunk_sounds.append(read_video(output[0])[2])
+        if isinstance(output[0], str):  # kept when handed over (the app deletes all but the newest two)
+            kept = output[0] + ".kept.mp4"
+            shutil.copyfile(output[0], kept)
+            chunk_sounds.append(kept)
     done = outputs[-1]
     assert done[1].startswith("Done: ") and done[2].endswith("output.mp4")
     speech = to_speech_rate(tts.synthesize(text, "espeak", "en-gb"))
-    frames, _, audio, rate = read_video(done[2])
-    assert len(frames) == clips_covered(len(speech)) * 48 - 3, "as many clips as the speech covers"
-    shown = speech[3 * 640:]
-    n = min(len(audio), len(shown))
-    assert abs(len(audio) - min(len(shown), len(frames) * 640)) < 0.1 * rate
-    assert np.corrcoef(audio[:n], shown[:n])[0, 1] > 0.95
-    assert len(chunk_sounds) == len(frames) // 12 + 1
-    assert np.corrcoef(chunk_sounds[0][:4000], shown[:4000])[0, 1] > 0.9, "the chunks that play carry the speech too"
+    frames, *_ = read_video(done[2])
+    assert len(frames) == -(-len(speech) // 640), "the video ends with the speech"
+    audio = load_audio(done[2])  # the sound track at 16 kHz: the whole speech, from its first sample
+    n = min(len(audio), len(speech))
+    assert abs(len(audio) - len(speech)) < 0.05 * 16000
+    assert np.corrcoef(audio[:n], speech[:n])[0, 1] > 0.95
+    assert len(chunk_sounds) == -(-(len(frames) - 9) // 12) + 1  # a chunk a block: 9 frames, then 12 each
+    first = load_audio(chunk_sounds[0])
+    assert np.corrcoef(first[:4000], speech[:4000])[0, 1] > 0.9, "the chunks that play carry the speech too"
 
 
 @requires_espeak

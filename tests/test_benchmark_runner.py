@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import run
-from benchmarks.flops import block_decode_flops, block_step_flops
+from benchmarks.flops import block_decode_flops, block_step_flops, tiny_block_decode_flops
 from benchmarks.random_models import FULL, TINY
 
 
@@ -23,6 +23,32 @@ def test_runner_reports_every_stage_and_the_floor(tmp_path):
     floor = result["floor"]
     assert floor["step_ms"] > 0 and floor["decode_ms"] > 0 and floor["fps"] > 0
     assert result["profile"]["total_ms"] > 0
+
+
+def test_runner_measures_the_light_decoder_beside_the_vae(tmp_path):
+    """`--decoder taew2_1 wan`: one model, the light decoder's streams first (its figures are the run's), then
+    the VAE's, each with its own stages, FPS and floor."""
+    out = tmp_path / "light.json"
+    result = run.main(["--scale", "tiny", "--device", "cpu", "--size", "128*128", "--blocks", "3", "--steady_from", "1",
+                       "--decoder", "taew2_1", "wan", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["decoder"] == "taew2_1" and list(saved["decoders"]) == ["taew2_1", "wan"]
+    light, vae = result["decoders"]["taew2_1"], result["decoders"]["wan"]
+    for measured in (light, vae):
+        assert [b["frames"] for b in measured["blocks"]] == [9, 12, 12]
+        assert measured["steady_fps"] > 0 and measured["stages_ms"]["decode"] > 0
+    assert result["steady_fps"] == light["steady_fps"] and result["floor"] == light["floor"]
+    # The floor's decode is the light decoder's arithmetic at this size (16x16 latents), not the tiny VAE's.
+    assert light["floor"]["decode_tflop"] == pytest.approx(sum(tiny_block_decode_flops(16, 16).values()) / 1e12)
+    assert vae["floor"]["decode_tflop"] == pytest.approx(sum(block_decode_flops(TINY.vae_dim, 16, 16).values()) / 1e12)
+
+
+def test_light_decoder_flops_are_a_25th_of_the_vaes_at_704x384():
+    """About 1.1 TFLOP a block (3x3 convolutions at 256/128/64 channels) against the Wan VAE's 27.5."""
+    light = tiny_block_decode_flops(48, 88)
+    assert light["linear"] == light["attention"] == 0
+    assert light["convolution"] / 1e12 == pytest.approx(1.105, abs=0.001)
+    assert sum(block_decode_flops(FULL.vae_dim, 48, 88).values()) / 1e12 == pytest.approx(27.48, abs=0.01)
 
 
 def test_block_step_flops_follow_the_shapes():
@@ -93,7 +119,7 @@ def test_smoke_run_packs_what_the_device_needs_and_refuses_a_machine_without_gpu
     assert smoke.main(["run", "--data", str(folder), "--out", str(tmp_path / "out")]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
     # The bounds stop a broken kernel but not the precision's own error (CPU accuracy figures: 1.2 % / 2.7 %).
-    assert set(smoke.RMS_BOUNDS) == set(smoke.COMMAND_CHECKS) - {"fp32", "resume"}
+    assert set(smoke.RMS_BOUNDS) == set(smoke.COMMAND_CHECKS) - {"fp32", "resume", "light", "light_parity"}
 
 
 def test_live_benchmark_calibrates_and_runs_a_session_on_cpu(tmp_path):

@@ -142,3 +142,86 @@ def test_fixed_sink_reproduces_single_gpu_case_A_latents(pipe):
     latents = torch.cat([b.latents for b in stream.blocks(p["num_clips_generated"])], dim=1)
     assert not stream.sink_replaced
     assert_close("latents_final", latents.view(16, 2, 12, 32, 48).transpose(0, 1), g["latents_final"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The light TAEW2.1 decoder (--decoder taew2_1) in the stream
+
+TAEW = GOLDEN / "taew2_1" / "taew2_1.pth"
+
+
+@pytest.fixture(scope="module")
+def light(pipe):
+    """The same models with the light decoder added: it then decodes the streams unless one asks for "wan"."""
+    from liveavatar.models.taehv import TinyDecoder
+
+    tiny = TinyDecoder.from_checkpoint(TAEW)
+    light = LiveAvatarPipeline(pipe.dit, pipe.vae, pipe.text_encoder, pipe.audio_encoder, tiny_decoder=tiny)
+    assert light.decoder_name == "taew2_1" and list(light.decoders) == ["wan", "taew2_1"] and pipe.decoder_name == "wan"
+    case_dir = GOLDEN / "cases" / "T1"
+    cond = light.prepare(case_dir / "image.png", load_audio(GOLDEN / "cases" / "T" / "audio.wav"), "talking",
+                         size="128*128")
+    return light, cond
+
+
+def test_light_decoder_stream_has_the_vae_streams_frames_timing_and_latents(light):
+    """Same blocks, frame counts and first frames as with the VAE's decoder (the audio stays in sync), and the
+    frames are those of decoding the decoder's whole input at once: the 7 warm-up motion latents, then the
+    blocks' latents, minus the 25 warm-up frames and the stream's 3 dropped frames."""
+    pipe, cond = light
+    settings = StreamSettings(seed=3)
+    stream = pipe.stream(cond, settings)
+    assert stream.decoder_name == "taew2_1"
+    decoded = []
+    decode = stream.decoder.decode
+    stream.decoder.decode = lambda z: decoded.append(decode(z)) or decoded[-1]
+    blocks = list(stream.blocks(1))
+    vae_blocks = list(pipe.stream(cond, StreamSettings(seed=3, decoder="wan")).blocks(1))
+    assert [len(b.frames) for b in blocks] == [len(b.frames) for b in vae_blocks] == [9, 12, 12, 12]
+    assert [b.first_frame for b in blocks] == [b.first_frame for b in vae_blocks] == [0, 9, 21, 33]
+    assert [b.audio_time_span for b in blocks] == [b.audio_time_span for b in vae_blocks]
+    assert blocks[0].frames.shape == vae_blocks[0].frames.shape == (9, 128, 128, 3)
+    for a, b in zip(blocks, vae_blocks):
+        assert torch.equal(a.latents, b.latents)  # the decoder changes no latent
+    assert not torch.equal(blocks[1].frames, vae_blocks[1].frames)
+
+    latents = torch.cat([cond.motion_latents[:, :, :7]] + [b.latents[None] for b in blocks], dim=2)
+    whole = pipe.decoders["taew2_1"].decode_video(latents.transpose(1, 2))  # NTCHW, [0, 1]
+    assert whole.shape[1] == 25 + 3 + 45
+    streamed = torch.cat([decoded[0][:, :, 3:]] + decoded[1:], dim=2)  # [-1, 1]
+    err = float((streamed.transpose(1, 2) - (whole[:, 28:] * 2 - 1)).abs().max())
+    assert err <= 2e-4, err  # 1e-4 on [0, 1] frames
+    # The frames shown are those values as uint8 ((x + 1) / 2 * 255, truncated).
+    expected = ((streamed[0].clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0)
+    assert torch.equal(torch.cat([b.frames for b in blocks]), expected)
+
+
+def test_light_decoder_stream_resumes_identically_and_refuses_the_other_decoder(light):
+    from liveavatar.errors import InputError
+
+    pipe, cond = light
+    settings = StreamSettings(seed=5)
+    first = pipe.stream(cond, settings)
+    blocks = first.blocks(2)
+    for _ in range(5):  # past the sink replacement
+        next(blocks)
+    state = first.state_dict()
+    assert state["decoder_name"] == "taew2_1" and len(state["decoder"]) == 9
+    rest = list(blocks)
+    second = pipe.stream(cond, settings)
+    second.load_state_dict(state)
+    again = list(second.blocks(2))
+    assert [b.index for b in again] == [b.index for b in rest] == [5, 6, 7]
+    for a, b in zip(rest, again):
+        assert torch.equal(a.frames, b.frames) and a.first_frame == b.first_frame
+    with pytest.raises(InputError, match="--resume: the interrupted run decoded with --decoder taew2_1, this one "
+                                         "with --decoder wan; resume with --decoder taew2_1"):
+        pipe.stream(cond, StreamSettings(seed=5, decoder="wan")).load_state_dict(state)
+
+
+def test_a_decoder_the_pipeline_lacks_is_refused(pipe, light):
+    from liveavatar.errors import InputError
+
+    _, cond = light
+    with pytest.raises(InputError, match="decoder taew2_1: this pipeline was started without it .*available: wan"):
+        pipe.stream(cond, StreamSettings(decoder="taew2_1"))

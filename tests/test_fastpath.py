@@ -345,3 +345,28 @@ def test_compiled_decoder_matches_eager(pipe):
     eager, fast = pipe.vae.streaming_decoder(), compiled.streaming_decoder()
     for part in (latents[:, :, :1], latents[:, :, 1:4], latents[:, :, 4:]):
         torch.testing.assert_close(fast.decode(part), eager.decode(part), rtol=1e-5, atol=1e-5)
+
+
+def test_a_resumed_stream_takes_the_attention_kernel_the_interrupted_one_chose(pipe):
+    """On the H100 two processes timed cuDNN and flash attention in another order (0.11 vs 0.09-0.12 ms) and
+    their bf16 latents differed by 1.9e-2: the resume state names the kernel, and the resumed stream uses it."""
+    wave = torch.randn(16000 * 3, generator=torch.Generator().manual_seed(7)).numpy() * 0.1
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "ref.png"
+        Image.new("RGB", (64, 64), (120, 80, 200)).save(image)
+        cond = pipe.prepare(image, wave, "talking", size="64*64")
+    try:
+        fastpath.use_attention(pipe.dit, "CUDNN_ATTENTION")  # what the interrupted process chose
+        state = pipe.stream(cond, StreamSettings(seed=3)).state_dict()
+        assert state["attention"] == "CUDNN_ATTENTION"
+        fastpath.use_attention(pipe.dit, "FLASH_ATTENTION")  # what the new process's timing chose
+        pipe.stream(cond, StreamSettings(seed=3)).load_state_dict(state)
+        assert pipe.dit.attention_choice == "CUDNN_ATTENTION"
+        assert pipe.dit.self_attention.args[0].name == "CUDNN_ATTENTION"
+        with pytest.raises(ValueError, match="unknown attention kernel 'NOPE'"):
+            fastpath.use_attention(pipe.dit, "NOPE")
+    finally:
+        from liveavatar.models.layers import two_part_attention
+
+        pipe.dit.self_attention = two_part_attention
+        del pipe.dit.attention_choice

@@ -172,7 +172,7 @@ def tone(seconds, level=0.3):
 
 def test_lag_counts_from_the_oldest_speech_not_yet_out():
     clock = Clock()
-    speech = LiveSpeech(None, max_lag_s=None, clock=clock)
+    speech = LiveSpeech(None, lead_in_frames=0, clock=clock)
     assert speech.lag() == 0.0
     for i in range(10):  # a microphone: 100 ms every 100 ms
         speech.push(tone(0.1))
@@ -189,7 +189,7 @@ def test_lag_counts_from_the_oldest_speech_not_yet_out():
 
     # Speech pushed faster than real time (a text's sentence) is due at the pace it is spoken: no lag while the
     # avatar speaks it at that pace ...
-    text = LiveSpeech(None, clock=clock)
+    text = LiveSpeech(None, lead_in_frames=0, clock=clock)
     text.push(tone(3.0))
     for k in range(6):
         clock.t += 0.48
@@ -201,7 +201,7 @@ def test_lag_counts_from_the_oldest_speech_not_yet_out():
 
 def test_a_late_window_restarts_the_clock_so_the_next_one_is_whole():
     clock = Clock()
-    speech = LiveSpeech(None, clock=clock)
+    speech = LiveSpeech(None, lead_in_frames=0, clock=clock)
     speech.push(tone(0.48))
     assert speech._next_window(0, 12).padded_samples == 0
     speech.push(tone(0.1))

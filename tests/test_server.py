@@ -6,6 +6,7 @@ import shutil
 import socket
 import threading
 import time
+import wave
 from contextlib import contextmanager
 
 import av
@@ -22,15 +23,14 @@ pytest.importorskip("fastapi")
 from websockets.sync.client import connect  # noqa: E402
 
 from liveavatar.engine.live import (  # noqa: E402
-    JITTER_S, LiveMP4Muxer, LiveSpeech, SessionClosed, init_segment_length, mime_type,
+    JITTER_S, LiveMP4Muxer, LiveSession, LiveSpeech, SessionClosed, SessionOptions, init_segment_length, mime_type,
 )
 from liveavatar.engine.pipeline import LiveAvatarPipeline  # noqa: E402
 from liveavatar.engine.worker import EngineWorker  # noqa: E402
 from liveavatar.interfaces.server import create_app  # noqa: E402
 from liveavatar.media.audio import load_audio  # noqa: E402
-from liveavatar.media.video import read_video  # noqa: E402
+from liveavatar.media.video import read_audio, read_video  # noqa: E402
 from liveavatar import tts  # noqa: E402
-from liveavatar.engine.audio_source import clips_covered  # noqa: E402
 from liveavatar.tts.speaker import to_speech_rate  # noqa: E402
 
 FACE, SPEECH = REPO / "examples" / "face.png", REPO / "examples" / "speech.wav"
@@ -99,13 +99,15 @@ def test_health_and_openapi(server):
     client, worker, _ = server
     health = client.get("/health").json()
     assert set(health.pop("realtime")) == {"size", "sample_steps", "fps", "keeps_up", "calibration"}
-    assert health == {"status": "ok", "device": "cpu", "queued": 0, "max_queue": 2, "running": None}
+    assert health == {"status": "ok", "device": "cpu", "queued": 0, "max_queue": 2, "running": None,
+                      "decoder": "wan", "decoders": ["wan"]}
     schema = client.get("/openapi.json").json()
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/live", "/jobs/{job_id}/video", "/jobs/{job_id}/cancel",
                  "/sessions", "/sessions/{session_id}/video", "/health", "/capabilities"):
         assert path in schema["paths"], path
     fields = schema["components"]["schemas"]["Body_submit_job_jobs_post"]["properties"]
     assert {"image", "audio", "prompt", "size", "num_clip", "sample_steps", "seed"} <= set(fields)
+    assert "decoder" in schema["components"]["schemas"]["Body_create_session_sessions_post"]["properties"]
     page = client.get("/player")
     assert page.status_code == 200 and "<video" in page.text
 
@@ -271,6 +273,9 @@ def test_session_errors(server):
     client, _, _ = server
     r = client.post("/sessions", files={"image": ("x.png", b"nope")}, data={"size": SIZE})
     assert r.status_code == 400 and r.json()["detail"].startswith("image (x.png): not an image file")
+    r = client.post("/sessions", files={"image": ("face.png", FACE.read_bytes())}, data={"decoder": "taew2_1"})
+    assert r.status_code == 422 and r.json()["detail"] == ("decoder: 'taew2_1' is not loaded in this server (it has "
+                                                           "wan; start it with --decoder taew2_1 for that one)")
     assert client.get("/sessions/unknown").status_code == 404
 
 
@@ -293,6 +298,79 @@ def test_live_speech_waits_for_speech_and_idles_on_silence(pipe):
     speech.close()
     with pytest.raises(SessionClosed):
         speech.block(2, 12)
+
+
+def stereo_wav(seconds: float = 1.5, rate: int = 44100) -> bytes:
+    """A 44.1 kHz stereo WAV: 300 Hz on the left, 500 Hz on the right."""
+    t = np.arange(int(seconds * rate)) / rate
+    planes = np.stack([0.3 * np.sin(2 * np.pi * 300 * t), 0.3 * np.sin(2 * np.pi * 500 * t)])
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
+        f.setnchannels(2)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(np.round(planes.T * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def test_a_stereo_upload_downloads_with_its_own_rate_and_channels(server, tmp_path):
+    client, _, _ = server
+    response = client.post("/jobs", files={"image": ("face.png", FACE.read_bytes()), "audio": ("voice.wav", stereo_wav())},
+                           data={"seed": "3"})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    status = wait_until(lambda: (s := client.get(f"/jobs/{job['id']}").json())["state"] in ("done", "failed") and s,
+                        "the job")
+    assert status["state"] == "done", status
+    assert status["result"]["frames"] == 38  # ends with the 1.5 s of speech (ceil(1.5 * 25) frames)
+    assert status["result"]["generation_fps"] > 0 and "fps" not in status["result"]
+    (tmp_path / "v.mp4").write_bytes(client.get(job["links"]["video"]).content)
+    planes, rate, layout = read_audio(tmp_path / "v.mp4")
+    assert (rate, layout) == (44100, "stereo")
+    for channel, freq in ((0, 300), (1, 500)):
+        spectrum = np.abs(np.fft.rfft(planes[channel, :32768] * np.hanning(32768)))
+        assert abs(np.fft.rfftfreq(32768, 1 / rate)[np.argmax(spectrum)] - freq) < 3
+
+
+def test_live_speech_puts_120_ms_of_silence_before_the_first_window(pipe):
+    """The stream drops its first 3 frames: the first window's silence falls there, and no speech is lost."""
+    speech = LiveSpeech(pipe.audio_encoder)
+    wave_ = load_audio(SPEECH)
+    speech.push(wave_[:16000])
+    speech.block(0, 12)
+    first = speech.window(0)
+    assert (first.speech_start, first.speech_samples) == (0, 5760)  # 0.36 s of speech after 0.12 s of silence
+    assert not first.samples[:1920].any() and np.array_equal(first.samples[1920:], wave_[:5760])
+    speech.block(1, 12)
+    second = speech.window(1)
+    assert (second.speech_start, second.speech_samples) == (5760, 7680)
+    assert np.array_equal(second.samples, wave_[5760 : 5760 + 7680])
+    speech.close()
+
+
+def test_live_session_sound_track_has_every_pushed_sample(pipe):
+    session = LiveSession(SessionOptions(FACE, size=SIZE))
+    events = []
+
+    def collect(event):
+        events.append(event)
+        if event[0] == "block" and event[1].index == 3:
+            session.close()
+
+    session.subscribe(collect)
+    rng = np.random.default_rng(3)
+    pushed = np.convolve(rng.normal(0, 0.2, 16000), np.ones(8) / 8, "same").astype(np.float32)  # 1 s, below 2 kHz
+    session.push(pushed)
+    session.run(pipe)
+    data = b"".join(e[1] if e[0] == "init" else e[2] for e in events)
+    with av.open(io.BytesIO(data)) as container:
+        rate = container.streams.audio[0].codec_context.sample_rate
+        sound = np.concatenate([f.to_ndarray()[0] for f in container.decode(audio=0)])
+    assert rate == 16000
+    # The sound starts with the first pushed sample (frame 0 shows it), not 120 ms into it.
+    scores = [np.dot(sound[:4000], pushed[d : d + 4000]) for d in range(0, 2500)]
+    assert int(np.argmax(scores)) == 0
+    assert np.corrcoef(sound[:4000], pushed[:4000])[0, 1] > 0.9
 
 
 def test_live_muxer_fragments_keyframes_and_late_join():
@@ -337,10 +415,11 @@ def test_job_from_text_speaks_it(server):
                         "the text job to finish")
     assert status["state"] == "done", status
     (work_dir / "text.mp4").write_bytes(client.get(job["links"]["video"]).content)
-    frames, _, audio, rate = read_video(work_dir / "text.mp4")
-    speech = to_speech_rate(tts.synthesize(TEXT, "espeak", "en-us"))[3 * 640:]
-    assert len(frames) == clips_covered(len(speech) + 3 * 640) * 48 - 3, "the video covers the speech"
-    assert abs(len(audio) - min(len(speech), len(frames) * 640)) < 0.1 * rate
+    frames, *_ = read_video(work_dir / "text.mp4")
+    speech = to_speech_rate(tts.synthesize(TEXT, "espeak", "en-us"))
+    assert len(frames) == -(-len(speech) // 640), "the video covers the speech and ends with it"
+    audio = load_audio(work_dir / "text.mp4")  # the sound track at 16 kHz: the whole speech, from its first sample
+    assert abs(len(audio) - len(speech)) < 0.05 * 16000
     n = min(len(audio), len(speech))
     assert np.corrcoef(audio[:n], speech[:n])[0, 1] > 0.95, "the video's sound is the synthesised text"
     assert {p.name for p in (work_dir / "jobs" / job["id"]).iterdir()} == {"output.mp4"}

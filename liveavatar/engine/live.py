@@ -8,6 +8,12 @@ file, so the avatar idles and the stream goes on until the session is closed. A 
 never sooner than one window after the previous window was taken: a stream that fell behind takes full
 windows again once it is back, rather than pieces of speech with silence between them.
 
+The stream drops its first 3 frames (120 ms). As in a job (liveavatar.engine.job), the first window puts
+120 ms of silence in front of the speech (it takes 0.36 s of speech, not 0.48 s), so the dropped frames
+show that silence and every pushed sample is spoken and sent: the video's frame j shows the speech at j / 25 s
+(plus whatever silence a late window got). The session's sound track is the pushed speech itself: 16 kHz
+mono, the rate and channels the protocol carries.
+
 Speech features are computed per window: wav2vec2 over the window with up to `CONTEXT_S` of the speech
 before it and `RIGHT_PAD_FRAMES` of silence after it. A whole-file computation gives every frame the
 whole file as context, including speech that a live stream has not heard yet, so live features cannot
@@ -136,11 +142,12 @@ class LiveSpeech:
     with `mark_produced` (the lag counts from there).
     """
 
-    def __init__(self, encoder: AudioEncoder, fps: int = 25, max_lag_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, encoder: AudioEncoder, fps: int = 25, lead_in_frames: int = DROPPED_FIRST_FRAMES,
+                 max_lag_s: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.encoder = encoder
         self.fps = fps
         self.samples_per_frame = SAMPLE_RATE // fps
+        self.lead_in = lead_in_frames * self.samples_per_frame  # silence in front of the first window's speech
         self.max_lag_s = max_lag_s
         self.clock = clock
         config = encoder.model.config if encoder is not None else None
@@ -304,8 +311,10 @@ class LiveSpeech:
         self._taken = cursor
         return (np.concatenate(pieces) if pieces else np.zeros(0, np.float32)), first, cursor, dropped
 
-    def _next_window(self, k: int, frames: int, lead: int = 0) -> SpeechWindow:
+    def _next_window(self, k: int, frames: int, lead: int | None = None) -> SpeechWindow:
         size = frames * self.samples_per_frame
+        if lead is None:  # the session's first window starts with the lead-in silence
+            lead = self.lead_in if k == 0 else 0
         with self._lock:
             self._window_size = size
             now = self.clock()
@@ -330,9 +339,9 @@ class LiveSpeech:
         samples = np.concatenate([np.zeros(size - len(speech), np.float32), speech])
         return SpeechWindow(samples, start, len(speech), end, dropped, now, received[2] if received else None)
 
-    def block(self, k: int, frames: int, lead_samples: int = 0) -> torch.Tensor:
+    def block(self, k: int, frames: int, lead_samples: int | None = None) -> torch.Tensor:
         """Features of block k's window; `lead_samples`: silence the window starts with at least (the frames a
-        stream drops at its start)."""
+        stream drops at its start; default: the lead-in for block 0, none after)."""
         window = self._next_window(k, frames, lead_samples)
         self._windows[k] = window
         context = self._history
@@ -508,6 +517,7 @@ class SessionOptions:
     sample_steps: int = 4
     seed: int = 42
     rolling_sink: bool = True
+    decoder: str | None = None  # "wan" or "taew2_1" (StreamSettings.decoder); None: the service's --decoder
     on_slow: str = "keep"  # "downgrade": past max_lag_s with speech queued, step down at a clip boundary
     max_lag_s: float | None = LAG_BOUND_S  # the lag past which it catches up (None: never)
     measure_as: str = "session"  # what its measured speed counts as in the speed table
@@ -637,7 +647,7 @@ class LiveSession:
     def _run(self, pipe: LiveAvatarPipeline) -> None:
         o = self.options
         rung = self._initial_rung()
-        settings = StreamSettings(sample_steps=rung[1], seed=o.seed, rolling_sink=o.rolling_sink)
+        settings = StreamSettings(sample_steps=rung[1], seed=o.seed, rolling_sink=o.rolling_sink, decoder=o.decoder)
         # prepare() encodes the image and the prompt together with a speech file's features; a session has
         # no file, so it is given one block of silence and its audio source is replaced by the live one.
         silence = np.zeros(settings.video_frames_per_block * SAMPLE_RATE // settings.fps, np.float32)
@@ -737,7 +747,8 @@ class LiveSession:
                     stream.lookahead = False
         finally:
             self.speeds_measured.append((rung, meter.fps))
-            if self.realtime is not None:
+            # The table holds the service's own decoder's speeds (liveavatar.engine.realtime.machine_name).
+            if self.realtime is not None and o.decoder in (None, getattr(pipe, "decoder_name", None)):
                 self.realtime.record(rung[0], rung[1], meter, o.measure_as)
         raise SessionClosed("the stream ended")  # unreachable: the stream is unbounded
 

@@ -17,13 +17,16 @@ import numpy as np
 import torch
 
 from liveavatar.engine.audio_source import audio_source_for
-from liveavatar.engine.stream import AvatarStream, StreamSettings
+from liveavatar.engine.stream import AvatarStream, StreamSettings, VideoDecoder
+from liveavatar.errors import InputError
 from liveavatar.media import image as image_io
 from liveavatar.models import fastpath
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.dit import MOTION_VIDEO_FRAMES, S2VTransformer
 from liveavatar.models.fp8 import quantize_transformer
 from liveavatar.models.offload import stream_blocks
+from liveavatar.models.taehv import NAME as TINY_DECODER
+from liveavatar.models.taehv import DecoderChoice, TinyDecoder
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.weights.checkpoint import CheckpointLayout
@@ -43,20 +46,34 @@ class Conditioning:
     text_context: torch.Tensor  # [L, 4096]
     audio: object  # an AudioSource (per-block features)
     num_clips: int  # clips the audio covers
-    wave: np.ndarray  # 16 kHz mono speech, for muxing
+    wave: np.ndarray  # the 16 kHz mono speech the model hears (a job's has its lead-in silence in front)
 
 
 class LiveAvatarPipeline:
     def __init__(self, dit: S2VTransformer, vae: WanVAE, text_encoder: TextEncoder, audio_encoder: AudioEncoder,
                  offload_encoders: bool = False, kv_dtype: torch.dtype | None = None, offload_kv: bool = False,
-                 fast: bool = False):
+                 fast: bool = False, tiny_decoder: TinyDecoder | None = None):
         """kv_dtype, offload_kv: storage of the streams' ring caches (see AvatarStream). fast: the transformer
         was set up with liveavatar.models.fastpath.compile_transformer; streams then also pick the fastest
-        attention kernel for their shapes."""
+        attention kernel for their shapes. tiny_decoder: the light TAEW2.1 decoder, which then decodes the
+        streams (the VAE still encodes the reference; a stream may still ask for the VAE's decoder)."""
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
         self.offload_encoders = offload_encoders
         self.kv_dtype, self.offload_kv, self.fast = kv_dtype, offload_kv, fast
         self.attention_backend_ms: dict[str, float] = {}  # the fast path's timings of the attention kernels
+        # The decoders a stream may use (StreamSettings.decoder), and the one used when it names none.
+        self.decoders: dict[str, VideoDecoder] = {"wan": vae}
+        if tiny_decoder is not None:
+            self.decoders[TINY_DECODER] = tiny_decoder
+        self.decoder_name = TINY_DECODER if tiny_decoder is not None else "wan"
+
+    def decoder_for(self, name: str | None) -> VideoDecoder:
+        """The decoder model of that name (None: the pipeline's default); InputError if it was not loaded."""
+        name = name or self.decoder_name
+        if name not in self.decoders:
+            raise InputError(f"decoder {name}: this pipeline was started without it (start it with --decoder "
+                             f"{name}); available: {', '.join(self.decoders)}")
+        return self.decoders[name]
 
     @property
     def device(self) -> torch.device:
@@ -83,6 +100,7 @@ class LiveAvatarPipeline:
         fp8: bool = False,
         kv_dtype: torch.dtype | None = None,
         fast: bool = False,
+        decoder: DecoderChoice = DecoderChoice(),
     ) -> "LiveAvatarPipeline":
         """Loads the Wan2.2-S2V-14B models and merges the Live Avatar LoRA (default: <ckpt_dir>/LiveAvatar/).
 
@@ -92,11 +110,13 @@ class LiveAvatarPipeline:
         fp8: FP8 linear layers in the transformer (liveavatar.models.fp8).
         kv_dtype: storage of the ring caches (torch.float8_e4m3fn halves them).
         fast: compile the transformer (liveavatar.models.fastpath); the first block then takes a minute more.
+        decoder: the decoder of the streams: the VAE's (default) or the light TAEW2.1 one (liveavatar.models.taehv).
         """
         layout = CheckpointLayout.from_dir(ckpt_dir, lora_file)
         device = torch.device(device)
         t0 = time.perf_counter()
         # The cheap, most often misplaced parts first, so a bad folder fails in seconds.
+        tiny = decoder.load(device, dtype)
         text = TextEncoder.from_pretrained(layout.wan_dir, device="cpu" if offload_encoders else device, dtype=dtype)
         audio = AudioEncoder.from_pretrained(layout.wav2vec2_dir, device="cpu" if offload_encoders else device,
                                              dtype=torch.float32)
@@ -105,12 +125,14 @@ class LiveAvatarPipeline:
         dit = S2VTransformer.from_pretrained(layout.wan_dir, lora_file=layout.lora_file,
                                              device="cpu" if offload_transformer else device, dtype=dtype)
         log.info("models loaded in %.1f s (device %s, %s)", time.perf_counter() - t0, device, dtype)
-        return cls.assemble(dit, vae, text, audio, device, offload_encoders, offload_transformer, fp8, kv_dtype, fast)
+        return cls.assemble(dit, vae, text, audio, device, offload_encoders, offload_transformer, fp8, kv_dtype, fast,
+                            tiny_decoder=tiny)
 
     @classmethod
     def assemble(cls, dit: S2VTransformer, vae: WanVAE, text: TextEncoder, audio: AudioEncoder, device,
                  offload_encoders: bool = False, offload_transformer: bool = False, fp8: bool = False,
-                 kv_dtype: torch.dtype | None = None, fast: bool = False) -> "LiveAvatarPipeline":
+                 kv_dtype: torch.dtype | None = None, fast: bool = False,
+                 tiny_decoder: TinyDecoder | None = None) -> "LiveAvatarPipeline":
         """Applies the speed and memory options to loaded models (the transformer on `device`, or on the CPU
         when offload_transformer)."""
         device = torch.device(device)
@@ -126,7 +148,7 @@ class LiveAvatarPipeline:
         if offload_encoders:
             text.to("cpu")
             audio.to("cpu")
-        return cls(dit, vae, text, audio, offload_encoders, kv_dtype, offload_transformer, fast)
+        return cls(dit, vae, text, audio, offload_encoders, kv_dtype, offload_transformer, fast, tiny_decoder)
 
     @torch.no_grad()
     def encode_reference(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,8 +196,9 @@ class LiveAvatarPipeline:
 
     def stream(self, cond: Conditioning, settings: StreamSettings = StreamSettings(),
                concurrent_decode: bool = False) -> AvatarStream:
-        stream = AvatarStream(self.dit, self.vae, cond.text_context, cond.ref_latent, cond.motion_latents, cond.audio,
-                              settings, kv_dtype=self.kv_dtype, offload_kv=self.offload_kv,
+        stream = AvatarStream(self.dit, self.decoder_for(settings.decoder), cond.text_context, cond.ref_latent,
+                              cond.motion_latents, cond.audio, settings, kv_dtype=self.kv_dtype,
+                              offload_kv=self.offload_kv,
                               cuda_graphs=self.fast and self.device.type == "cuda" and not self.offload_kv,
                               concurrent_decode=concurrent_decode)
         if self.fast and self.device.type == "cuda":

@@ -9,6 +9,9 @@ no number. Per clip r (4 blocks, 48 video frames) and block k = 4r + b:
     for step s: x += (sigma[s+1] - sigma[s]) * DiT(x, t_s, cache_s, audio of block k, rd(seed, k, s))
     frames = decoder.decode(x)           # 12 frames; the very first block drops its first 3
 
+The decoder is the Wan2.1 VAE's, or the light TAEW2.1 one (liveavatar.models.taehv, `--decoder taew2_1`): both
+stream with the same frame counts and timing (their first decode call gives 4T-3 frames, every later one 4T).
+
 After clip 0 the sink's reference becomes the first generated latent frame (the rolling sink frame) and
 the sink is prefilled again; nothing else about the sink ever changes, and nothing grows with the video.
 """
@@ -24,10 +27,13 @@ from typing import Iterator, Protocol
 import torch
 
 from liveavatar.engine import scheduler
+from liveavatar.errors import InputError
 from liveavatar.models.dit import S2VTransformer
-from liveavatar.models.fastpath import StepGraphs
+from liveavatar.models.fastpath import StepGraphs, use_attention
 from liveavatar.models.kv_cache import RingCache, SinkCache
 from liveavatar.models.offload import HostRings, fit_resident_blocks
+from liveavatar.models.taehv import NAME as TINY_DECODER
+from liveavatar.models.taehv import TinyDecoder, TinyStreamingDecoder
 from liveavatar.models.vae import StreamingDecoder, WanVAE
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,9 @@ class StreamSettings:
     # Rolling sink frame: after clip 0 the reference becomes the first generated frame (the real-time
     # pipeline's behaviour). Off keeps the input image as the reference for the whole stream.
     rolling_sink: bool = True
+    # Which of the pipeline's decoders makes the frames: "wan" (the Wan2.1 VAE) or "taew2_1" (the light one,
+    # when the pipeline has it); None: the pipeline's own choice (LiveAvatarPipeline.decoder_name).
+    decoder: str | None = None
 
     def __post_init__(self):
         if self.frames_per_clip % (FRAMES_PER_LATENT * self.latent_frames_per_block):
@@ -100,15 +109,35 @@ class Block:
         return start, start + len(self.frames) / 25
 
 
-def start_decoder(vae: WanVAE, motion_latents: torch.Tensor) -> StreamingDecoder:
+def total_blocks(settings: StreamSettings, num_clips: int, num_blocks: int | None = None) -> int:
+    """The blocks a stream of num_clips clips runs, cut at num_blocks if given."""
+    total = num_clips * settings.blocks_per_clip
+    return total if num_blocks is None else min(total, num_blocks)
+
+
+VideoDecoder = WanVAE | TinyDecoder  # what a stream decodes with (each has streaming_decoder())
+
+
+def decoder_name(model: VideoDecoder) -> str:
+    """The --decoder value of a decoder model: "wan" or "taew2_1"."""
+    return TINY_DECODER if isinstance(model, TinyDecoder) else "wan"
+
+
+def start_decoder(model: VideoDecoder, motion_latents: torch.Tensor,
+                  cuda_graphs: bool = False) -> StreamingDecoder | TinyStreamingDecoder:
     """The stream's decoder: the oldest motion latents are decoded once and their frames thrown away, so
-    its causal caches hold the still reference when the first block arrives."""
-    decoder = vae.streaming_decoder()
+    its causal caches hold the still reference when the first block arrives (this first call also takes
+    the stream's first-frame trim, so block 0 gives 12 frames with either decoder). cuda_graphs: the light
+    decoder replays its block shape as a CUDA graph (the Wan VAE's decoder has none)."""
+    if isinstance(model, TinyDecoder):
+        decoder = model.streaming_decoder(cuda_graphs=cuda_graphs)
+    else:
+        decoder = model.streaming_decoder()
     decoder.decode(motion_latents[:, :, :DECODER_WARMUP_LATENTS])
     return decoder
 
 
-def decode_video(decoder: StreamingDecoder, k: int, latents: torch.Tensor) -> torch.Tensor:
+def decode_video(decoder: StreamingDecoder | TinyStreamingDecoder, k: int, latents: torch.Tensor) -> torch.Tensor:
     """Final latents [16, F, h, w] of block k -> its video [1, 3, n, H, W] in [-1, 1] on the decoder's device,
     continuing the decoder's history; the very first block drops its first frames."""
     video = decoder.decode(latents[None])
@@ -129,7 +158,7 @@ class AvatarStream:
     def __init__(
         self,
         dit: S2VTransformer,
-        vae: WanVAE,
+        vae: VideoDecoder | None,
         text_context: torch.Tensor,
         ref_latent: torch.Tensor,
         motion_latents: torch.Tensor,
@@ -141,10 +170,12 @@ class AvatarStream:
         concurrent_decode: bool = False,
         parts: list[StepPart] | None = None,
     ):
-        """kv_dtype: storage of the ring caches (default the transformer's dtype; torch.float8_e4m3fn halves
+        """vae: what decodes the blocks, the Wan2.1 VAE or the light TAEW2.1 decoder (None: see parts).
+        kv_dtype: storage of the ring caches (default the transformer's dtype; torch.float8_e4m3fn halves
         their memory, see RingCache). offload_kv: keep the rings in pinned host memory, one layer at a time
         on the device (liveavatar.models.offload.HostRings). cuda_graphs: replay the steady-state block steps
-        as CUDA graphs (liveavatar.models.fastpath.StepGraphs; GPU only, not with offload_kv).
+        as CUDA graphs (liveavatar.models.fastpath.StepGraphs; GPU only, not with offload_kv), and the light
+        decoder's blocks too.
         concurrent_decode: run the VAE on its own CUDA stream, concurrently with the next block's steps. Off by
         default: both saturate the GPU, and on an H100 sharing it made the pair slower than running them back
         to back (docs/benchmarks.md). Either way the host enqueues block k+1's steps before it waits for block
@@ -188,10 +219,11 @@ class AvatarStream:
         # block k+1: denoised (its keys/values are in the rings) but not yet decoded.
         self._decode_stream = torch.cuda.Stream(device) if concurrent_decode and device.type == "cuda" else None
         self._ahead: tuple[int, torch.Tensor, _StageClock] | None = None
-        self.decoder: StreamingDecoder | None = None
+        self.decoder: StreamingDecoder | TinyStreamingDecoder | None = None
+        self.decoder_name = None if vae is None else decoder_name(vae)
         if vae is not None:
             with self._on_decode_stream():
-                self.decoder = start_decoder(vae, self.motion_latents)
+                self.decoder = start_decoder(vae, self.motion_latents, cuda_graphs=cuda_graphs)
         self.next_block = 0  # the next block `blocks()` yields
         self.frames_emitted = 0
         # Whether blocks() may denoise block k+1 before it hands out block k (see blocks()). A live session turns
@@ -251,14 +283,15 @@ class AvatarStream:
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
-    def blocks(self, num_clips: int) -> Iterator[Block]:
-        """Yields blocks next_block.. up to num_clips clips. The steps of block k+1 are enqueued right after the
-        decode of block k, before the host waits for its frames (except after block 0, whose frames come first
-        as fast as possible): nothing waits for the GPU except the hand-over of finished frames, and the
-        GPU has the next block's work while the caller muxes. Block k+1 is only taken ahead if `lookahead` is on
-        and its audio is ready now (an audio source with `ready(k)`, the live one, may not have the speech yet:
-        waiting for it would hold back block k)."""
-        total = num_clips * self.settings.blocks_per_clip
+    def blocks(self, num_clips: int, num_blocks: int | None = None) -> Iterator[Block]:
+        """Yields blocks next_block.. up to num_clips clips, or up to block num_blocks - 1 if that comes first (a
+        video that ends with its speech needs no whole last clip). The steps of block k+1 are enqueued right
+        after the decode of block k, before the host waits for its frames (except after block 0, whose frames
+        come first as fast as possible): nothing waits for the GPU except the hand-over of finished frames, and
+        the GPU has the next block's work while the caller muxes. Block k+1 is only taken ahead if `lookahead`
+        is on and its audio is ready now (an audio source with `ready(k)`, the live one, may not have the speech
+        yet: waiting for it would hold back block k)."""
+        total = total_blocks(self.settings, num_clips, num_blocks)
         while self.next_block < total:
             k = self.next_block
             if self._ahead is None:
@@ -373,8 +406,11 @@ class AvatarStream:
             "frames_emitted": self.frames_emitted,
             "sink_replaced": self.sink_replaced,
             "ref_latent": self.ref_latent.to("cpu", copy=True),
+            "decoder_name": self.decoder_name,
             "decoder": self.decoder.state_dict(),
             "rings": [r.state_dict() for r in self.rings],
+            # The fast path's attention kernel, chosen by timing: the resumed run must round as this one did.
+            "attention": getattr(self.dit, "attention_choice", None),
         }
         if self.next_block > 0:
             state["first_latent"] = self._first_latent.to("cpu", copy=True)
@@ -383,6 +419,12 @@ class AvatarStream:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("decoder_name", "wan")  # states from before the choice existed are the VAE's
+        if saved != self.decoder_name:
+            raise InputError(f"--resume: the interrupted run decoded with --decoder {saved}, this one with "
+                             f"--decoder {self.decoder_name}; resume with --decoder {saved}")
+        if state.get("attention") is not None and getattr(self.dit, "attention_choice", None) is not None:
+            use_attention(self.dit, state["attention"])
         self.next_block = int(state["next_block"])
         self.frames_emitted = int(state["frames_emitted"])
         if "first_latent" in state:

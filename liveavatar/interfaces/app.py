@@ -19,8 +19,7 @@ from pathlib import Path
 import gradio as gr
 
 from liveavatar import tts
-from liveavatar.engine.job import SAMPLE_RATE, JobResult, JobSpec, Progress, load_speech, synthesize_text
-from liveavatar.engine.stream import DROPPED_FIRST_FRAMES
+from liveavatar.engine.job import JobResult, JobSpec, Progress, read_speech, synthesize_text
 from liveavatar.engine.worker import CANCELLED, DONE, FINISHED, EngineWorker, JobTask, QueueFull
 from liveavatar.errors import InputError
 from liveavatar.media import image as image_io
@@ -34,21 +33,44 @@ EXAMPLES = [[str(REPO / "examples" / "face.png"), str(REPO / "examples" / "speec
 THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def write_chunk(path: Path, progress: Progress, speech, fps: int = 25) -> None:
-    """One block as a standalone MP4 with the speech its frames show (output frame j shows speech[j / fps])."""
+class ChunkSound:
+    """The job's sound track (its speech at the file's own rate and channels, as in the job's MP4), read block
+    by block in order: output frame j shows the track at j / fps."""
+
+    def __init__(self, spec: JobSpec):
+        self.reader = read_speech(spec).track.open()
+        self.fps = spec.fps
+        self.position = 0  # samples read so far
+
+    def for_frames(self, first_frame: int, count: int):
+        rate = self.reader.sample_rate
+        start, stop = first_frame * rate // self.fps, (first_frame + count) * rate // self.fps
+        if start > self.position:  # a block was skipped: its sound too
+            self.reader.read(start - self.position)
+            self.position = start
+        sound = self.reader.read(stop - self.position)
+        self.position += sound.shape[1]
+        return sound
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def write_chunk(path: Path, progress: Progress, sound: ChunkSound, fps: int = 25) -> None:
+    """One block as a standalone MP4 with the speech its frames show."""
     frames = progress.block.frames.numpy()
-    per_frame = SAMPLE_RATE // fps
-    start = progress.block.first_frame * per_frame
-    sound = speech[start : start + len(frames) * per_frame]
-    writer = FragmentedMP4Writer(path, frames.shape[2], frames.shape[1], fps, sound if len(sound) else None, SAMPLE_RATE)
+    samples = sound.for_frames(progress.block.first_frame, len(frames))
+    writer = FragmentedMP4Writer(path, frames.shape[2], frames.shape[1], fps, samples if samples.shape[1] else None,
+                                 sound.reader.sample_rate)
     writer.write(frames)
     writer.close()
 
 
 def _status(progress: Progress) -> str:
     fps = progress.frames_done / progress.elapsed_s if progress.elapsed_s else 0.0
+    notes = "".join(f"\n\nNote: {notice}" for notice in progress.notices)
     return (f"Generating: block {progress.blocks_done} of {progress.blocks_total}, frame {progress.frames_done} of "
-            f"{progress.frames_total}, {progress.elapsed_s:.1f} s ({fps:.1f} frames/s)")
+            f"{progress.frames_total}, {progress.elapsed_s:.1f} s ({fps:.1f} frames/s){notes}")
 
 
 def _voices(engine: str | None) -> list[str]:
@@ -101,18 +123,18 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
         except QueueFull as e:
             raise gr.Error(str(e)) from None
         events = task.subscribe()
+        sound = None
         try:
             yield gr.skip(), "Preparing the image, the prompt and the speech…", None, task.id
-            speech = None
             result = None
             while (item := events.get()) is not None:
                 if isinstance(item, JobResult):
                     result = item
                     continue
-                if speech is None:  # the job's speech, from its first shown frame on
-                    speech = load_speech(spec)[DROPPED_FIRST_FRAMES * SAMPLE_RATE // spec.fps :]
+                if sound is None:  # the job's sound track, from its first shown frame on
+                    sound = ChunkSound(spec)
                 chunk = folder / f"block-{item.block.index:06d}.mp4"
-                write_chunk(chunk, item, speech, spec.fps)
+                write_chunk(chunk, item, sound, spec.fps)
                 # Gradio has turned a chunk into its stream segment before it asks for the next one, so only
                 # the newest chunks are kept: a long video does not leave thousands of them behind.
                 (folder / f"block-{item.block.index - 2:06d}.mp4").unlink(missing_ok=True)
@@ -129,6 +151,8 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                 yield gr.skip(), (f"Done: {result.frames} frames ({result.width}x{result.height}) in {result.seconds:.1f} s, "
                                   f"first block after {task.first_block_s:.1f} s."), str(result.output), None
         finally:
+            if sound is not None:
+                sound.close()
             if task.state not in FINISHED:  # the page went away or the event was cancelled
                 worker.cancel(task)
 

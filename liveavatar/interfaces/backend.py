@@ -11,6 +11,7 @@ import torch
 
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.errors import LiveAvatarError
+from liveavatar.models.taehv import DecoderChoice
 
 @dataclass(frozen=True)
 class Backend:
@@ -24,6 +25,7 @@ class Backend:
     offload_model: bool = False
     gpus: int = 1
     sample_steps: int = 4  # the step count a multi-GPU pipeline is laid out for
+    decoder: DecoderChoice = DecoderChoice()  # the streams' decoder (--decoder, --decoder_path)
 
     @classmethod
     def from_args(cls, args) -> "Backend":
@@ -45,7 +47,8 @@ class Backend:
             lora = hub.resolve_lora(args.lora_path_dmd)
         layout = CheckpointLayout.from_dir(ckpt_dir, lora)
         layout.require_complete()
-        backend = cls(Path(ckpt_dir), lora, device, dtype, args.fp8, args.offload_model, gpus, sample_steps)
+        decoder = _decoder_choice(args.decoder, args.decoder_path, ckpt_dir if args.ckpt_dir is not None else None)
+        backend = cls(Path(ckpt_dir), lora, device, dtype, args.fp8, args.offload_model, gpus, sample_steps, decoder)
         backend.check_memory(layout, args.size)
         return backend
 
@@ -74,14 +77,34 @@ class Backend:
             from liveavatar.parallel.launch import CheckpointModels, start_pipeline
             from liveavatar.parallel.worker import DitOptions
 
-            return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype), self.gpus,
+            return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype, self.decoder), self.gpus,
                                   sample_steps=self.sample_steps, device_type=self.device, offload_encoders=cuda,
                                   options=DitOptions(fp8=self.fp8, fast=cuda),
                                   cpu_threads=max(1, torch.get_num_threads() // self.gpus))
         return LiveAvatarPipeline.from_pretrained(
             self.ckpt_dir, lora_file=self.lora_file, device=self.device, dtype=self.dtype,
             offload_encoders=self.offload_model or cuda, offload_transformer=self.offload_model, fp8=self.fp8,
-            kv_dtype=torch.float8_e4m3fn if self.offload_model else None, fast=cuda)
+            kv_dtype=torch.float8_e4m3fn if self.offload_model else None, fast=cuda, decoder=self.decoder)
+
+
+def _decoder_choice(name: str, path: str | None, ckpt_dir) -> DecoderChoice:
+    """--decoder and --decoder_path, resolved to a weights file that exists and is no obvious mix-up."""
+    from liveavatar.weights import hub
+    from liveavatar.weights.files import require_weights
+
+    if name == "wan":
+        if path is not None:
+            raise LiveAvatarError(f"--decoder_path {path}: only used with --decoder taew2_1 (the Wan VAE's decoder "
+                                  f"comes with --ckpt_dir)")
+        return DecoderChoice()
+    file = hub.resolve_tiny_decoder(path, ckpt_dir)
+    return DecoderChoice(name, require_weights(file, "TAEW2.1 decoder (taew2_1.pth or taew2_1.safetensors)"))
+
+
+NO_GPU = ("no CUDA GPU found (torch sees none): the 14B model needs an NVIDIA GPU with 24 GB or more, so nothing was "
+          "downloaded or loaded; on a GPU machine run bash scripts/setup.sh (it installs a CUDA build of torch), or pass "
+          "--device cpu to run on the CPU anyway (hours per second of video; the weights, about 50 GB, are downloaded "
+          "unless --ckpt_dir has them)")
 
 
 def open_realtime(args, pipe, worker):
@@ -116,8 +139,12 @@ def open_realtime(args, pipe, worker):
 
 
 def resolve_device(device: str | None, dtype: str | None, fp8: bool) -> tuple[str, torch.dtype]:
-    """(device, dtype): cuda when available, bfloat16 on a GPU and float32 on the CPU."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """(device, dtype): cuda unless a device is given, bfloat16 on a GPU and float32 on the CPU. Without --device
+    and without a GPU this refuses (NO_GPU), before anything is downloaded or loaded: the released model does not
+    run on a CPU in any useful time, and a CPU run has to be asked for."""
+    if device is None and not torch.cuda.is_available():
+        raise LiveAvatarError(NO_GPU)
+    device = device or "cuda"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LiveAvatarError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
     dtype_name = dtype or ("bfloat16" if device.startswith("cuda") else "float32")

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
 
 from liveavatar.errors import JobStopped, LiveAvatarError
+
+DECODERS = ("wan", "taew2_1")  # liveavatar.models.taehv.DECODERS (not imported here: it loads torch)
+TAEW_REPO = "madebyollin/taehv"
 
 log = logging.getLogger("liveavatar")
 
@@ -70,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(o, "save_dir", type=Path, default=Path("outputs"), help="folder for the default output name (default: %(default)s)")
     _add(o, "save_latents", type=Path, help="also write every latent frame to this safetensors file (key 'latents', float32 [16, T, h, w]; held in RAM)")
     _add(o, "resume", action="store_true", help="continue an interrupted run of the same command from its last completed clip")
+    _add(o, "overwrite", action="store_true", help="start over: delete an interrupted run's partial video and resume "
+         "states instead of refusing to run")
 
     s = gen.add_argument_group("generation")
     _add(s, "size", default="704*384", help="pixel budget W*H; the aspect ratio comes from the image. Presets: 720*400, 704*384, 688*368, 384*256 (default: %(default)s)")
@@ -80,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="identity anchor: 'rolling' (default, the real-time pipeline) makes the first generated frame the "
               "reference after clip 0; 'reference' keeps the input image for the whole video")
     _add(s, "base_seed", type=int, default=42, help="seed: the same seed gives the same video on any device (default: %(default)s)")
+    _add(s, "original_timing", action="store_true",
+         help="the original's exact timing (what the golden parity tests check): the model hears the speech from its "
+              "first sample and the video starts 120 ms into it. By default 120 ms of silence go in front of the speech "
+              "the model hears, so the video has the whole speech")
 
     _add_model_args(gen.add_argument_group("model and device"))
 
@@ -97,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download the weights (Wan2.2-S2V-14B and Live Avatar LoRA)",
                         description="Fetch both Hugging Face repos into a folder (resumable, with progress).")
     _add(dl, "ckpt_dir", type=Path, default=Path("ckpt"), help="destination folder (default: %(default)s)")
+    _add(dl, "decoder", choices=DECODERS, default="wan", help="also fetch the light decoder's weights: 'taew2_1' "
+         f"puts {TAEW_REPO}'s taew2_1.pth into <ckpt_dir>/taehv/, where --decoder taew2_1 finds it (default: %(default)s, "
+         "nothing more)")
     _add(dl, "tts", default=None, help="instead of the weights, a voice for this speech engine (piper)")
     _add(dl, "voice", default=None, help="with --tts piper: the voice to fetch from rhasspy/piper-voices, e.g. "
          "en_US-lessac-medium (into $LIVEAVATAR_VOICES, default ~/.cache/liveavatar/voices)")
@@ -150,6 +164,13 @@ def _add_model_args(parser, gpus_note: str = "") -> None:
               "the GPU after use either way")
     _add(parser, "fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer (GPUs with FP8 "
          "tensor cores: Ada, Hopper)")
+    _add(parser, "decoder", choices=DECODERS, default="wan",
+         help="what turns latents into frames: 'wan' (default) the Wan2.1 VAE's decoder, for final renders; "
+              "'taew2_1' the tiny TAEW2.1 decoder (madebyollin/taehv), ~25x less arithmetic a block, for live, "
+              "low-latency or smaller GPUs, at some cost in fine detail (the VAE still encodes the reference)")
+    _add(parser, "decoder_path", default=None,
+         help="the TAEW2.1 weights for --decoder taew2_1: taew2_1.pth or taew2_1.safetensors, a folder holding it, "
+              f"or the hub id {TAEW_REPO} (default: <ckpt_dir>/taehv/, then the Hugging Face cache)")
     _add(parser, "gpus", type=int, default=1, help="GPUs to pipeline each block's work over: the denoising steps' "
          "layers are shared out so that every GPU has about the same work, the last one also decodes; any number "
          "up to one per layer of every step (cuda:0..N-1; choose them with CUDA_VISIBLE_DEVICES). With --device "
@@ -286,14 +307,18 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     import torch
     from tqdm import tqdm
 
-    from liveavatar.engine.job import STATE_DIR_SUFFIX, JobResult, JobSpec, preflight, run_job, speech_file_for, synthesize_text
-    from liveavatar.interfaces.backend import Backend, resolve_device
+    from liveavatar.engine.job import (
+        STATE_DIR_SUFFIX, JobResult, JobSpec, preflight, run_job, speech_file_for, synthesize_text,
+    )
+    from liveavatar.interfaces.backend import NO_GPU, Backend, resolve_device
 
     _setup_logging(args.log_level, None)
     notices = _check_text_input(args)
     output = args.save_file or _default_output(args)
     notices += _check_compat(args)
-    device, dtype = resolve_device(args.device, args.dtype, args.fp8)
+    # Without --device and without a GPU, NO_GPU is said after the inputs are checked, before anything loads.
+    device, dtype = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype,
+                                   args.fp8)
     if args.gpus != 1 and args.resume:
         raise LiveAvatarError("--resume: a run on several GPUs keeps its caches in several processes and cannot be "
                               "resumed; use --gpus 1")
@@ -303,31 +328,40 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
         infer_frames=args.infer_frames, sample_steps=args.sample_steps, seed=args.base_seed,
         save_latents=args.save_latents, resume=args.resume, trim_silence=args.trim_silence,
         normalize_loudness=args.normalize_loudness, rolling_sink=args.sink_frame == "rolling",
-        text=args.text, voice=args.voice, tts=args.tts,
+        text=args.text, voice=args.voice, tts=args.tts, lead_in=not args.original_timing, overwrite=args.overwrite,
     )
     # A resumed text job speaks the speech its interrupted run synthesised (a neural voice need not repeat itself).
     synthesize_text(spec, reuse=args.resume and Path(str(output) + STATE_DIR_SUFFIX).exists())
-    preflight(spec)
+    warnings: list[str] = []
+    preflight(spec, warnings)
+    if args.device is None and not torch.cuda.is_available():
+        raise LiveAvatarError(NO_GPU)  # before the weights are looked for (a first run downloads 50 GB)
     _setup_logging(args.log_level, output.with_suffix(".log"))  # only once the output folder is known good
-    log.info("run: %s", " ".join(sys.argv))
+    log.info("run: %s", shlex.join(["liveavatar", *args.argv]))  # pastes back into a shell
     for notice in notices:
         log.info("%s", notice)
     if spec.text is not None:
         log.info("speech: %d characters of text spoken by the %s engine (voice %s) into %s", len(spec.text),
                  spec.tts or "espeak", spec.voice or "default", spec.audio)
+    for warning in warnings:  # before anything loads: a small image, --num_clip beyond the speech
+        log.warning("%s", warning)
     log.info("device %s (%s), torch %s", device, dtype, torch.__version__)
-    pipe = Backend.from_args(args).open()
+    backend = Backend.from_args(args)
+    if backend.decoder.path is not None:
+        log.info("decoder %s: %s", backend.decoder.name, backend.decoder.path)
+    pipe = backend.open()
     bar = None
     gpu_csv = output.with_suffix(".gpu_memory.csv") if device.startswith("cuda") else None
     if gpu_csv is not None:
         gpu_csv.write_text("block,elapsed_s,allocated_gb,reserved_gb\n")
     try:
-        for item in run_job(pipe, spec, should_stop=lambda: stop.requested):
+        for item in run_job(pipe, spec, should_stop=lambda: stop.requested, log_notices=False):
             if isinstance(item, JobResult):
                 if bar is not None:
                     bar.close()
                 log.info("wrote %s: %d frames %dx%d in %.1f s (%.2f FPS generated, first frame after %.2f s)",
-                         item.output, item.frames, item.width, item.height, item.seconds, item.fps, item.first_frame_s)
+                         item.output, item.frames, item.width, item.height, item.seconds, item.generation_fps,
+                         item.first_frame_s)
                 log.info("mean per block (ms): %s", {k: round(v, 1) for k, v in item.stage_ms.items()})
                 gpu = f", GPU {item.peak_gpu_memory_gb:.2f} GiB" if item.peak_gpu_memory_gb is not None else ""
                 log.info("peak memory: host %.2f GiB%s", item.peak_host_memory_gb, gpu)
@@ -336,9 +370,12 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
                 _print_path(item.output)
                 return 0
             if bar is None:
-                bar = tqdm(total=item.frames_total, initial=item.frames_done - len(item.block.frames), unit="frame",
-                           desc="generating", dynamic_ncols=True)
-            bar.update(len(item.block.frames))
+                # Started with the first block already counted: its frames took the whole start-up, and counting
+                # them as one update at once would show thousands of frames per second.
+                bar = tqdm(total=item.frames_total, initial=item.frames_done, unit="frame", desc="generating",
+                           dynamic_ncols=True)
+            else:
+                bar.update(len(item.block.frames))
             bar.set_postfix(clip=item.block.clip, block=f"{item.blocks_done}/{item.blocks_total}")
             if gpu_csv is not None:
                 with gpu_csv.open("a") as f:
@@ -361,13 +398,38 @@ def _print_path(path: Path) -> None:
         print(os.fsdecode(path))
 
 
+# What `app` and `serve` import from the optional 'app' extra (pyproject.toml), checked before any model loads.
+APP_EXTRA_MODULES = {"app": ("gradio",), "serve": ("fastapi", "uvicorn", "python_multipart", "websockets")}
+APP_EXTRA_PACKAGES = {"gradio", "fastapi", "starlette", "uvicorn", "python_multipart", "multipart", "websockets"}
+
+
+def _require_app_extra(command: str) -> None:
+    missing = []
+    for module in APP_EXTRA_MODULES[command]:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if (e.name or module).split(".")[0] not in APP_EXTRA_PACKAGES:
+                raise
+            missing.append((e.name or module).split(".")[0])
+    if missing:
+        raise LiveAvatarError(_missing_extra(command, missing))
+
+
+def _missing_extra(command: str, missing: list[str]) -> str:
+    return (f"`liveavatar {command}` needs the optional 'app' extra ({', '.join(missing)} not installed): run "
+            f"bash scripts/setup.sh app, or pip install -e '.[app]' in the checkout")
+
+
 def cmd_app(args, *_unused) -> int:  # Gradio and uvicorn handle Ctrl-C themselves
+    _require_app_extra("app")
     from liveavatar.interfaces import app
 
     return app.main(args)
 
 
 def cmd_serve(args, *_unused) -> int:
+    _require_app_extra("serve")
     from liveavatar.interfaces import server
 
     return server.main(args)
@@ -380,7 +442,7 @@ def cmd_download(args, stop: "_StopFlag") -> int:
     if args.tts is not None or args.voice is not None:
         print(_download_voice(args.tts, args.voice))
         return 0
-    print(hub.download(args.ckpt_dir))
+    print(hub.download(args.ckpt_dir, decoders=(args.decoder,)))
     return 0
 
 
@@ -443,7 +505,9 @@ def _log_to_files(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     stop = _StopFlag()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -10,9 +10,9 @@ Jobs (a reference image, a speech file or a text to speak, a prompt and options,
 
 Live sessions (speech pushed while the avatar is generated, see liveavatar.engine.live):
 
-    POST /sessions                   image + prompt + options (a size, or realtime=true for the size this machine
-                                     keeps up with; on_slow=downgrade|refuse|keep for a size that cannot, 409
-                                     when refused); 201 with the session's id
+    POST /sessions                   image + prompt + options (the decoder among them; a size, or realtime=true for
+                                     the size this machine keeps up with; on_slow=downgrade|refuse|keep for a size
+                                     that cannot, 409 when refused); 201 with the session's id
     WS   /sessions/{id}/ws           push 16 kHz mono s16le PCM (binary) or text to speak (JSON {"type": "text",
                                      "text": ..., "voice": ..., "tts": ...}, spoken sentence by sentence); receive
                                      JSON events (text) and the session's fragmented MP4 (binary); the session
@@ -163,6 +163,12 @@ def _check_steps(worker: EngineWorker, sample_steps: int) -> None:
         raise HTTPException(422, f"sample_steps: this server's multi-GPU pipeline runs {fixed} steps, not {sample_steps}")
 
 
+def _check_decoder(worker: EngineWorker, decoder: str | None) -> None:
+    if decoder is not None and decoder not in worker.pipe.decoders:
+        raise HTTPException(422, f"decoder: {decoder!r} is not loaded in this server (it has "
+                                 f"{', '.join(worker.pipe.decoders)}; start it with --decoder {decoder} for that one)")
+
+
 def _task(worker: EngineWorker, task_id: str, kind: type, noun: str):
     """The worker's task of that id and kind, or 404."""
     task = worker.tasks.get(task_id)
@@ -183,12 +189,15 @@ def _job_view(worker: EngineWorker, task: JobTask) -> dict:
         p = task.progress
         view["progress"] = {"blocks_done": p.blocks_done, "blocks_total": p.blocks_total, "frames_done": p.frames_done,
                             "frames_total": p.frames_total, "elapsed_s": round(p.elapsed_s, 3)}
+        if p.notices:
+            view["notices"] = list(p.notices)
     if task.first_block_s is not None:
         view["first_block_s"] = round(task.first_block_s, 3)
     if task.result is not None:
         r: JobResult = task.result
         view["result"] = {"frames": r.frames, "clips": r.clips, "width": r.width, "height": r.height,
-                          "seconds": round(r.seconds, 3), "fps": round(r.fps, 3), "first_frame_s": round(r.first_frame_s, 3)}
+                          "seconds": round(r.seconds, 3), "generation_fps": round(r.generation_fps, 3),
+                          "first_frame_s": round(r.first_frame_s, 3), "notices": r.notices}
     return view
 
 
@@ -279,6 +288,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         running = worker.running
         return {"status": "ok", "device": str(worker.pipe.device), "queued": worker.queued,
                 "max_queue": worker.max_queue, "running": running.id if running else None,
+                "decoder": worker.pipe.decoder_name, "decoders": list(worker.pipe.decoders),
                 "realtime": realtime.summary()}
 
     @app.get("/capabilities")
@@ -391,6 +401,9 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         rolling_sink: bool = Form(True, description="after the first clip, the first generated frame becomes the reference"),
         voice: str | None = Form(None, description="the voice of text messages (default: the engine's own)"),
         tts_engine: str | None = Form(None, alias="tts", description="the speech engine of text messages (espeak, piper)"),
+        decoder: str | None = Form(None, description="what makes the frames: 'wan' (the Wan2.1 VAE) or 'taew2_1' (the "
+                                   "light decoder, if the server was started with --decoder taew2_1); default: the "
+                                   "server's --decoder (see /health)"),
     ) -> dict:
         auto = size is not None and size.strip().lower() == "auto"
         if (realtime or auto) and sample_steps is not None:
@@ -405,6 +418,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         if size is not None:
             _check_size(size)
         _check_steps(worker, sample_steps)
+        _check_decoder(worker, decoder)
         plan = app.state.realtime.plan(size, sample_steps, realtime, on_slow)
         if plan.refused:
             choice = app.state.realtime.choice()
@@ -421,7 +435,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
             _save_upload(image, image_path, "image")
             _check_upload(image_io.load_image, image_path, image, "image")
             session = LiveSession(SessionOptions(image_path, prompt, plan.size or "auto", plan.steps or sample_steps, seed,
-                                                 rolling_sink, on_slow=on_slow, max_lag_s=max_lag_s),
+                                                 rolling_sink, decoder, on_slow=on_slow, max_lag_s=max_lag_s),
                                   app.state.realtime)
             session.plan_message = plan.message
             task = worker.submit(SessionTask(kind="session", id=session_id, session=session, folder=folder))

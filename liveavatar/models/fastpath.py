@@ -151,8 +151,18 @@ def use_fastest_attention(dit: S2VTransformer, stream) -> dict[str, float]:
         log.info("self-attention at %s: %s", shape, {k: round(v, 2) for k, v in times.items()})
     times = dit.attention_timings[shape]
     if times:
-        dit.self_attention = attention_candidates()[min(times, key=times.get)]
+        use_attention(dit, min(times, key=times.get))
     return times
+
+
+def use_attention(dit: S2VTransformer, name: str) -> None:
+    """Makes the transformer's self-attention the candidate `name` (a resumed stream takes the kernel the
+    interrupted one chose: kernels round differently, and two processes may time them in another order)."""
+    candidates = attention_candidates()
+    if name not in candidates:
+        raise ValueError(f"unknown attention kernel {name!r}; known: {', '.join(candidates)}")
+    dit.self_attention = candidates[name]
+    dit.attention_choice = name
 
 
 class StepGraphs:

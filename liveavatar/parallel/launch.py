@@ -27,10 +27,11 @@ from liveavatar.errors import LiveAvatarError
 from liveavatar.models import fastpath
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.dit import S2VConfig, S2VTransformer
+from liveavatar.models.taehv import DecoderChoice, TinyDecoder
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.parallel.pipeline import ParallelPipeline
-from liveavatar.parallel.schedule import DECODE_COST, Schedule
+from liveavatar.parallel.schedule import DECODE_COST, LIGHT_DECODE_COST, Schedule
 from liveavatar.parallel.worker import DitOptions, RankTransformer, serve, synchronize
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ class ModelSource(Protocol):
 
     def load_vae(self, device: torch.device) -> WanVAE: ...
 
+    def load_tiny_decoder(self, device: torch.device) -> TinyDecoder | None:
+        """The light decoder that decodes the streams, or None: the VAE does."""
+        ...
+
+    def decode_cost(self) -> float:
+        """A block's decode in denoising steps to cut the work by until a stream has measured it."""
+        ...
+
     def load_encoders(self, device: torch.device) -> tuple[TextEncoder | None, AudioEncoder | None]: ...
 
 
@@ -65,6 +74,7 @@ class CheckpointModels:
     ckpt_dir: Path
     lora_file: Path | None = None
     dtype: torch.dtype = torch.bfloat16
+    decoder: DecoderChoice = DecoderChoice()  # the streams' decoder: the VAE's, or the light TAEW2.1 one
 
     def _layout(self):
         from liveavatar.weights.checkpoint import CheckpointLayout
@@ -80,6 +90,12 @@ class CheckpointModels:
 
     def load_vae(self, device: torch.device) -> WanVAE:
         return WanVAE.from_checkpoint(self._layout().vae_file, device=device, dtype=self.dtype)
+
+    def load_tiny_decoder(self, device: torch.device) -> TinyDecoder | None:
+        return self.decoder.load(device, self.dtype)
+
+    def decode_cost(self) -> float:
+        return DECODE_COST if self.decoder.name == "wan" else LIGHT_DECODE_COST
 
     def load_encoders(self, device: torch.device) -> tuple[TextEncoder, AudioEncoder]:
         layout = self._layout()
@@ -103,10 +119,10 @@ def start_pipeline(
     rank has loaded its models. options: the transformer's speed options, on every rank. cpu_threads: torch
     threads per rank on the CPU (default: the cores shared out). decode_cost: a block's decode in denoising
     steps, for sharing the work out evenly (liveavatar.parallel.schedule); None (the default) starts from
-    DECODE_COST and cuts again after every stream with the cost measured in it."""
+    the models' estimate (models.decode_cost()) and cuts again after every stream with the cost measured in it."""
     try:
         schedule = Schedule(world_size, sample_steps, models.num_layers(),
-                            DECODE_COST if decode_cost is None else decode_cost)
+                            models.decode_cost() if decode_cost is None else decode_cost)
     except ValueError as e:
         raise LiveAvatarError(str(e)) from None
     if device_type == "cuda" and torch.cuda.device_count() < world_size:
@@ -128,6 +144,7 @@ def start_pipeline(
         job_group, host_group = _join(store, schedule, rank, device, op_timeout)
         transformer = RankTransformer(models.load_dit(device), options) if schedule.parts_of(rank) else None
         vae = models.load_vae(device)
+        tiny_decoder = models.load_tiny_decoder(device)
         if options.fast:  # as LiveAvatarPipeline.assemble: the VAE's convolutions have fixed shapes per resolution
             fastpath.compile_decoder(vae)
             torch.backends.cudnn.benchmark = True
@@ -145,7 +162,7 @@ def start_pipeline(
         raise
     log.info("%d ranks ready: %s", world_size, "; ".join(f"rank {r}: {schedule.describe(r)}" for r in range(world_size)))
     return ParallelPipeline(transformer, vae, text, audio, schedule, job_group, host_group, processes, offload_encoders,
-                            recut=decode_cost is None)
+                            recut=decode_cost is None, tiny_decoder=tiny_decoder)
 
 
 def _run_rank(rank: int, schedule: Schedule, port: int, models: ModelSource, options: DitOptions, device_type: str,

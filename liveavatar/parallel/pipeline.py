@@ -37,9 +37,10 @@ import torch
 import torch.distributed as dist
 
 from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline
-from liveavatar.engine.stream import Block, StreamSettings, _to_uint8_frames, decode_video, start_decoder
+from liveavatar.engine.stream import Block, StreamSettings, _to_uint8_frames, decode_video, start_decoder, total_blocks
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.models.audio_encoder import AudioEncoder
+from liveavatar.models.taehv import TinyDecoder
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.parallel.schedule import Schedule
@@ -87,15 +88,16 @@ class _Lane:
 
 
 class ParallelPipeline(LiveAvatarPipeline):
-    """The output rank's pipeline: encoders and VAE here, the transformer here only if this rank also
-    denoises. Built by `liveavatar.parallel.launch.start_pipeline`, which starts the other ranks."""
+    """The output rank's pipeline: encoders and VAE (and the light decoder, if chosen) here, the transformer here
+    only if this rank also denoises. Built by `liveavatar.parallel.launch.start_pipeline`, which starts the
+    other ranks."""
 
     def __init__(self, transformer: RankTransformer | None, vae: WanVAE, text_encoder: TextEncoder | None,
                  audio_encoder: AudioEncoder | None, schedule: Schedule, job_group, host_group, processes,
-                 offload_encoders: bool = False, recut: bool = False):
+                 offload_encoders: bool = False, recut: bool = False, tiny_decoder: TinyDecoder | None = None):
         dit = None if transformer is None else transformer.dit
         super().__init__(dit, vae, text_encoder, audio_encoder, offload_encoders,
-                         fast=transformer is not None and transformer.options.fast)
+                         fast=transformer is not None and transformer.options.fast, tiny_decoder=tiny_decoder)
         self.transformer = transformer
         self.schedule, self.job_group, self.host_group = schedule, job_group, host_group
         # Cut the work again after each stream from the stage times measured in it (not when this rank holds no
@@ -121,6 +123,7 @@ class ParallelPipeline(LiveAvatarPipeline):
         if settings.sample_steps != self.schedule.steps:
             raise InputError(f"sample_steps {settings.sample_steps}: this multi-GPU pipeline was started for "
                              f"{self.schedule.steps} steps")
+        self.decoder_for(settings.decoder)  # refused here, before the ranks are sent the job
         with self._lock:
             self.check_ranks()
             if self._active is not None:
@@ -207,9 +210,10 @@ class ParallelStream:
         self._done = False
 
     # ------------------------------------------------------------------ the caller's thread: frames out
-    def blocks(self, num_clips: int) -> Iterator[Block]:
+    def blocks(self, num_clips: int, num_blocks: int | None = None) -> Iterator[Block]:
+        """As AvatarStream.blocks: up to num_clips clips, or num_blocks blocks if that comes first."""
         s = self.settings
-        total = num_clips * s.blocks_per_clip
+        total = total_blocks(s, num_clips, num_blocks)
         self._start(total)
         try:
             while self.next_block < total:
@@ -370,14 +374,14 @@ class ParallelStream:
     def _set_up(self) -> None:
         """This rank's share of the stream (its caches, when it also denoises) and the decoder, warmed up on the
         motion latents. On the stage thread: its steps run there beside the feeder and the caller, so without
-        CUDA graphs (a capture forbids other threads' CUDA calls)."""
+        CUDA graphs (a capture forbids other threads' CUDA calls), and so does the light decoder."""
         t0 = time.perf_counter()
         cond, device = self.cond, self.pipe.vae.device
         parts = self.schedule.parts_of(self.rank)
         if parts:
             self._part = self.pipe.transformer.stream_part(cond.text_context, cond.ref_latent, cond.motion_latents,
                                                            cond.audio, self.settings, parts, cuda_graphs=False)
-        self._decoder = start_decoder(self.pipe.vae, cond.motion_latents.to(device))
+        self._decoder = start_decoder(self.pipe.decoder_for(self.settings.decoder), cond.motion_latents.to(device))
         synchronize(device)  # once per stream, so that the time is the set-up's own
         self._setup_ms = (time.perf_counter() - t0) * 1000
 

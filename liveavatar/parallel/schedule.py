@@ -31,6 +31,9 @@ from liveavatar.engine.stream import StepPart
 # The decode of a block against one denoising step, both on the same GPU, at 704x384 with the fast path:
 # FP8 137 ms vs 180 ms on an H200, 148 vs 187 ms on an H100; bf16 135 vs 211 ms (docs/benchmarks.md).
 DECODE_COST = 0.75
+# The same for the light TAEW2.1 decoder (--decoder taew2_1): an estimate from its arithmetic (~1 TFLOP a block
+# against 121 per step) at a lower efficiency, not measured yet; the measured cost replaces it after a stream.
+LIGHT_DECODE_COST = 0.1
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,26 @@ def test_text_input_errors_are_named(app):
         next(run_generate(demo, audio=None, text="Hello.", voice="xx-nowhere"))
     with pytest.raises(gr.Error, match="Text to speech: the text is 5001 characters long; the limit is 5000"):
         next(run_generate(demo, audio=None, text="x" * 5001))
+
+
+def test_realtime_app_shows_the_measured_speeds_and_opens_at_the_preset(app, tmp_path):
+    """`app --realtime`: the page lists what this machine sustains and each page opens with the preset's size and steps
+    (as measured when it opens: the start-up calibration may still be running)."""
+    from liveavatar.engine.realtime import Realtime, SpeedTable
+
+    _, worker = app
+    realtime = Realtime(SpeedTable(None, "test machine"), sizes=["128*128", "64*64"], steps=[4, 3], default=True)
+    demo = build_app(worker, tmp_path, default_size="128*128", realtime=realtime)
+    load = next(f for f in demo.fns.values() if f.name == "<lambda>" and any(t[1] == "load" for t in f.targets))
+    speeds, size, steps = load.fn()
+    assert "Nothing measured yet (calibration: off)" in speeds and size == gr.skip() and steps == gr.skip()
+    realtime.table.record("128*128", 4, 12.0, 8, "calibration")
+    realtime.table.record("128*128", 3, 30.0, 8, "calibration")
+    speeds, size, steps = load.fn()
+    assert "Preset: **128*128 at 3 steps**, 30.0 FPS (keeps up)" in speeds
+    assert "- 128*128, 4 steps: 12.0 FPS (0.48x real time; calibration" in speeds
+    assert size["value"] == "128*128" and steps["value"] == 3
+    shown = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "speeds")
+    assert shown.visible
+    plain = build_app(worker, tmp_path)  # without a real-time view: nothing shown, nothing loaded
+    assert not next(c for c in plain.blocks.values() if getattr(c, "elem_id", None) == "speeds").visible

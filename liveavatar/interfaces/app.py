@@ -81,7 +81,10 @@ def _voices(engine: str | None) -> list[str]:
         return []
 
 
-def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384", max_audio_s: float = 600) -> gr.Blocks:
+def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384", max_audio_s: float = 600,
+              realtime=None) -> gr.Blocks:
+    """realtime: a liveavatar.engine.realtime.Realtime: the page shows the measured speeds and, if it is the
+    default (`app --realtime`), each page opens with the real-time preset's size and step count."""
     work_dir = Path(work_dir).resolve()
     sizes = list(image_io.SIZE_PRESETS) + ([default_size] if default_size not in image_io.SIZE_PRESETS else [])
 
@@ -194,6 +197,7 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                 video = gr.Video(label="Video", streaming=True, autoplay=True, elem_id="video")
                 status = gr.Markdown(elem_id="status")
                 download = gr.File(label="MP4 to download", elem_id="download")
+                speeds = gr.Markdown(elem_id="speeds", visible=realtime is not None)
         if all(Path(path).exists() for path in EXAMPLES[0][:2]):  # a source checkout ships them
             gr.Examples(EXAMPLES, inputs=[image, audio, prompt])
         task_id = gr.State(None)
@@ -201,11 +205,24 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                                      text, tts_engine, voice],
                           [video, status, download, task_id], concurrency_limit=1, show_progress="minimal")
         stop.click(cancel, [task_id], None, cancels=[event])
+        if realtime is not None:
+            demo.load(lambda: _realtime_view(realtime), None, [speeds, size, sample_steps])
     return demo
 
 
+def _realtime_view(realtime) -> tuple:
+    """The measured speeds, and with `--realtime` the preset's size and steps for the form (as measured now: the
+    start-up calibration may still be running when a page opens)."""
+    from liveavatar.engine.realtime import describe_speeds
+
+    choice = realtime.choice()
+    if realtime.default and choice.size is not None:
+        return describe_speeds(realtime), gr.update(value=choice.size), gr.update(value=choice.steps)
+    return describe_speeds(realtime), gr.skip(), gr.skip()
+
+
 def main(args) -> int:
-    from liveavatar.interfaces.backend import Backend
+    from liveavatar.interfaces.backend import Backend, open_realtime
 
     # Gradio reads this when it would send usage statistics: none leave the machine (the Blocks' own
     # analytics_enabled=False also skips its version check).
@@ -215,8 +232,9 @@ def main(args) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     pipe = Backend.from_args(args).open()
     worker = EngineWorker(pipe, max_queue=args.max_queue)
+    realtime = open_realtime(args, pipe, worker)
     try:
-        build_app(worker, work_dir, args.size, args.max_audio_s).queue(max_size=args.max_queue).launch(
+        build_app(worker, work_dir, args.size, args.max_audio_s, realtime).queue(max_size=args.max_queue).launch(
             server_name=args.server_name, server_port=args.server_port, allowed_paths=[str(work_dir)], share=False,
             theme=THEME,
         )

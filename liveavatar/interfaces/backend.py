@@ -107,6 +107,37 @@ NO_GPU = ("no CUDA GPU found (torch sees none): the 14B model needs an NVIDIA GP
           "unless --ckpt_dir has them)")
 
 
+def open_realtime(args, pipe, worker):
+    """The service's real-time view (`--realtime`, `--calibrate`, `--speed_table`, the candidates) for an open
+    pipeline; queues the start-up calibration on the worker when asked. Returns the Realtime."""
+    import logging
+
+    from liveavatar.engine import realtime as rt
+    from liveavatar.engine.calibration import CalibrationTask
+
+    try:
+        sizes = [rt.normalize_size(s) for s in args.realtime_sizes.split(",") if s.strip()]
+        for size in sizes:
+            rt.size_area(size)
+        steps = [int(n) for n in args.realtime_steps.split(",") if n.strip()]
+    except ValueError:
+        raise LiveAvatarError(f"--realtime_sizes {args.realtime_sizes!r} / --realtime_steps {args.realtime_steps!r}: "
+                              "expected sizes like 704*384,384*256 and step counts like 4,3") from None
+    table = rt.SpeedTable(args.speed_table or rt.default_table_path(), rt.machine_name(pipe))
+    realtime = rt.Realtime(table, sizes, steps, default=args.realtime, fixed_steps=pipe.fixed_sample_steps)
+    worker.realtime = realtime
+    mode = args.calibrate or ("missing" if args.realtime else "never")
+    log = logging.getLogger("liveavatar")
+    log.info("speed table %s (machine %s)", table.path, table.machine)
+    if mode != "never":
+        worker.submit(CalibrationTask(realtime, redo=mode == "always"))
+    elif args.realtime:
+        choice = realtime.choice()
+        log.info("real-time preset: %s", f"{choice.size} at {choice.steps} steps ({choice.reason})" if choice.size
+                 else f"none ({choice.reason})")
+    return realtime
+
+
 def resolve_device(device: str | None, dtype: str | None, fp8: bool) -> tuple[str, torch.dtype]:
     """(device, dtype): cuda unless a device is given, bfloat16 on a GPU and float32 on the CPU. Without --device
     and without a GPU this refuses (NO_GPU), before anything is downloaded or loaded: the released model does not

@@ -185,6 +185,28 @@ def _add_service_args(parser, size_help: str) -> None:
     _add(parser, "max_queue", type=int, default=8, help="requests that may wait; more are refused (default: %(default)s)")
     _add(parser, "max_audio_s", type=float, default=600, help="longest speech a job may have, in seconds (default: %(default)s)")
     _add(parser, "size", default="704*384", help=f"{size_help} (default: %(default)s)")
+    _add_realtime_args(parser)
+
+
+def _add_realtime_args(parser) -> None:
+    """Real-time presets (liveavatar.engine.realtime): measured speeds, the start-up calibration, the choice."""
+    from liveavatar.engine.realtime import CANDIDATE_SIZES, CANDIDATE_STEPS
+
+    r = parser.add_argument_group("real time")
+    _add(r, "realtime", action="store_true", help="pick the largest size, then the most steps (4, then 3), that this "
+         "machine generates at 1.1x real time or faster, measured by a short calibration at start-up (a live "
+         "session per candidate on a synthetic input; on a GPU each new size compiles first, about a minute) "
+         "unless the speed table has it; live sessions that name no size run it, and the app starts with it")
+    _add(r, "calibrate", choices=["missing", "always", "never"], default=None,
+         help="the start-up calibration: 'missing' measures the candidates the speed table lacks for this GPU and "
+              "mode (the default with --realtime), 'always' measures them again, 'never' trusts the table "
+              "(the default without --realtime)")
+    _add(r, "speed_table", type=Path, default=None, help="the JSON file of measured speeds per GPU, size and step "
+         "count (default: $LIVEAVATAR_SPEED_TABLE or ~/.cache/liveavatar/speed.json)")
+    _add(r, "realtime_sizes", default=",".join(CANDIDATE_SIZES), help="the candidate sizes, comma-separated "
+         "(default: %(default)s)")
+    _add(r, "realtime_steps", default=",".join(map(str, CANDIDATE_STEPS)), help="the candidate step counts in the "
+         "order preferred (default: %(default)s)")
 
 
 # Flags whose effect is always on (or that only select what is already the one behaviour).

@@ -25,10 +25,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-# Pin whatever torch is installed so the resolver cannot swap it for another build.
+# Pin whatever torch is installed so the resolver cannot swap it for another build. The version comes from the
+# package metadata: importing torch before NumPy is installed prints "Failed to initialize NumPy".
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-"$PY" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+"$PY" -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" > "$constraints"
 target="."
 [ -n "$extras" ] && target=".[$extras]"
 "$PY" -m pip install -q -c "$constraints" -e "$target"

@@ -70,6 +70,27 @@ def test_generate_streams_one_playable_chunk_per_block_then_the_mp4(app):
     assert all(o[2] is None for o in outputs[:-1]), "the download appears only at the end"
 
 
+def test_chunks_and_download_carry_the_uploads_own_rate_and_channels(app, tmp_path):
+    from test_server import stereo_wav
+
+    from liveavatar.media.video import read_audio
+
+    demo, _ = app
+    voice = tmp_path / "voice.wav"
+    voice.write_bytes(stereo_wav(1.0))  # 44.1 kHz stereo, 1 s: the video ends with it, 25 frames
+    outputs = list(run_generate(demo, audio=str(voice), num_clip=0))
+    chunks = [o[0] for o in outputs if isinstance(o[0], str)]
+    assert len(chunks) == 3 and outputs[-1][1].startswith("Done: 25 frames (128x128)")
+    total = 0
+    for chunk in chunks[-2:]:  # the app keeps the newest two
+        planes, rate, layout = read_audio(chunk)
+        assert (rate, layout) == (44100, "stereo")
+        total += len(read_video(chunk)[0])
+    assert total == 25 - 9  # blocks 1 and 2: 12 frames, then the last 4 (the video stops with the speech)
+    planes, rate, layout = read_audio(outputs[-1][2])
+    assert (rate, layout) == (44100, "stereo") and abs(planes.shape[1] / rate - 1.0) < 0.03
+
+
 def test_cancel_stops_the_job_and_offers_what_was_made(app):
     demo, worker = app
     outputs = run_generate(demo, num_clip=3)
@@ -130,26 +151,29 @@ requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="
 @requires_espeak
 def test_generate_from_text_speaks_it(app):
     from liveavatar import tts
-    from liveavatar.engine.audio_source import clips_covered
+    from liveavatar.media.audio import load_audio
     from liveavatar.tts.speaker import to_speech_rate
 
     text = "Hello there. I read what you type."
     outputs, chunk_sounds = [], []
     for output in run_generate(demo=app[0], audio=None, num_clip=0, text=text, tts="espeak", voice="en-gb"):
         outputs.append(output)
-        if isinstance(output[0], str):  # read when handed over, as Gradio does
-            chunk_sounds.append(read_video(output[0])[2])
+        if isinstance(output[0], str):  # kept when handed over (the app deletes all but the newest two)
+            kept = output[0] + ".kept.mp4"
+            shutil.copyfile(output[0], kept)
+            chunk_sounds.append(kept)
     done = outputs[-1]
     assert done[1].startswith("Done: ") and done[2].endswith("output.mp4")
     speech = to_speech_rate(tts.synthesize(text, "espeak", "en-gb"))
-    frames, _, audio, rate = read_video(done[2])
-    assert len(frames) == clips_covered(len(speech)) * 48 - 3, "as many clips as the speech covers"
-    shown = speech[3 * 640:]
-    n = min(len(audio), len(shown))
-    assert abs(len(audio) - min(len(shown), len(frames) * 640)) < 0.1 * rate
-    assert np.corrcoef(audio[:n], shown[:n])[0, 1] > 0.95
-    assert len(chunk_sounds) == len(frames) // 12 + 1
-    assert np.corrcoef(chunk_sounds[0][:4000], shown[:4000])[0, 1] > 0.9, "the chunks that play carry the speech too"
+    frames, *_ = read_video(done[2])
+    assert len(frames) == -(-len(speech) // 640), "the video ends with the speech"
+    audio = load_audio(done[2])  # the sound track at 16 kHz: the whole speech, from its first sample
+    n = min(len(audio), len(speech))
+    assert abs(len(audio) - len(speech)) < 0.05 * 16000
+    assert np.corrcoef(audio[:n], speech[:n])[0, 1] > 0.95
+    assert len(chunk_sounds) == -(-(len(frames) - 9) // 12) + 1  # a chunk a block: 9 frames, then 12 each
+    first = load_audio(chunk_sounds[0])
+    assert np.corrcoef(first[:4000], speech[:4000])[0, 1] > 0.9, "the chunks that play carry the speech too"
 
 
 @requires_espeak
@@ -163,3 +187,26 @@ def test_text_input_errors_are_named(app):
         next(run_generate(demo, audio=None, text="Hello.", voice="xx-nowhere"))
     with pytest.raises(gr.Error, match="Text to speech: the text is 5001 characters long; the limit is 5000"):
         next(run_generate(demo, audio=None, text="x" * 5001))
+
+
+def test_realtime_app_shows_the_measured_speeds_and_opens_at_the_preset(app, tmp_path):
+    """`app --realtime`: the page lists what this machine sustains and each page opens with the preset's size and steps
+    (as measured when it opens: the start-up calibration may still be running)."""
+    from liveavatar.engine.realtime import Realtime, SpeedTable
+
+    _, worker = app
+    realtime = Realtime(SpeedTable(None, "test machine"), sizes=["128*128", "64*64"], steps=[4, 3], default=True)
+    demo = build_app(worker, tmp_path, default_size="128*128", realtime=realtime)
+    load = next(f for f in demo.fns.values() if f.name == "<lambda>" and any(t[1] == "load" for t in f.targets))
+    speeds, size, steps = load.fn()
+    assert "Nothing measured yet (calibration: off)" in speeds and size == gr.skip() and steps == gr.skip()
+    realtime.table.record("128*128", 4, 12.0, 8, "calibration")
+    realtime.table.record("128*128", 3, 30.0, 8, "calibration")
+    speeds, size, steps = load.fn()
+    assert "Preset: **128*128 at 3 steps**, 30.0 FPS (keeps up)" in speeds
+    assert "- 128*128, 4 steps: 12.0 FPS (0.48x real time; calibration" in speeds
+    assert size["value"] == "128*128" and steps["value"] == 3
+    shown = next(c for c in demo.blocks.values() if getattr(c, "elem_id", None) == "speeds")
+    assert shown.visible
+    plain = build_app(worker, tmp_path)  # without a real-time view: nothing shown, nothing loaded
+    assert not next(c for c in plain.blocks.values() if getattr(c, "elem_id", None) == "speeds").visible

@@ -120,3 +120,24 @@ def test_smoke_run_packs_what_the_device_needs_and_refuses_a_machine_without_gpu
     assert "no CUDA GPU" in capsys.readouterr().err
     # The bounds stop a broken kernel but not the precision's own error (CPU accuracy figures: 1.2 % / 2.7 %).
     assert set(smoke.RMS_BOUNDS) == set(smoke.COMMAND_CHECKS) - {"fp32", "resume", "light", "light_parity"}
+
+
+def test_live_benchmark_calibrates_and_runs_a_session_on_cpu(tmp_path):
+    """What the device session runs on a GPU (benchmarks.bench_live --realtime), here on the tiny model: the
+    calibration of two candidates, the session at the preset with speech pushed in real time, the latency parts."""
+    from benchmarks import bench_live
+
+    out = tmp_path / "live.json"
+    result = bench_live.main(["--scale", "tiny", "--device", "cpu", "--realtime", "--sizes", "128*128,64*64",
+                              "--steps_options", "4", "--calibration_blocks", "5", "--seconds", "2", "--steady_from", "1",
+                              "--speed_table", str(tmp_path / "speed.json"), "--json", str(out)])
+    assert json.loads(out.read_text())["session"]["blocks_total"] == result["session"]["blocks_total"]
+    assert [c["size"] for c in result["calibration"]][0] == "128*128" and result["calibration_s"] > 0
+    assert result["realtime"]["size"] in ("128*128", "64*64") and result["speeds"]
+    session = result["session"]
+    assert (session["size"], session["sample_steps"]) == (result["realtime"]["size"], 4)
+    for part in ("window", "generation", "mux", "push_to_ready", "push_to_out"):
+        assert session["latency_ms"][part]["n"] > 0 and session["latency_ms"][part]["median"] >= 0, part
+    assert session["lag_s"]["max"] >= 0 and session["gpu_work_ms_per_block"]["n"] > 0
+    assert sum(b["speech_samples"] + b["dropped_samples"] for b in result["blocks"]) == 2 * 16000
+    assert json.loads((tmp_path / "speed.json").read_text())["machines"]

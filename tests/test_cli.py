@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -31,7 +33,7 @@ def test_generate_case_T_matches_original(tmp_path, capsys):
     code = main([
         "generate", "--image", str(CASE_T / "image.png"), "--audio", str(CASE_T / "audio.wav"),
         "--prompt", (CASE_T / "prompt.txt").read_text(), "--size", "384*256", "--base_seed", "11",
-        "--num_clip", "3", "--save_file", str(out), "--save-latents", str(lat), *CPU,
+        "--num_clip", "3", "--save_file", str(out), "--save-latents", str(lat), "--original_timing", *CPU,
     ])
     assert code == 0
     assert capsys.readouterr().out.strip() == str(out)
@@ -43,8 +45,8 @@ def test_generate_case_T_matches_original(tmp_path, capsys):
     frames, fps, audio, rate = read_video(out)
     assert frames.shape == (141, 256, 384, 3) and fps == 25
     assert rate == 16000 and audio is not None
-    # The speech is muxed from input time 3/25 s (the first 3 generated frames are dropped), and ends
-    # with the video or the audio, whichever is shorter.
+    # The original's timing: the speech is muxed from input time 3/25 s (the first 3 generated frames are
+    # dropped), and ends with the video or the audio, whichever is shorter.
     assert abs(len(audio) / rate - min(141 / 25, 5.0 - 3 / 25)) < 0.1
     assert not Path(str(out) + ".partial").exists() and not Path(str(out) + ".resume").exists()
     summary = json.loads(out.with_suffix(".json").read_text())
@@ -96,7 +98,7 @@ def test_notice_flags_are_accepted(tmp_path, capsys):
     assert code == 0
     assert "--enable_online_decode: accepted; decoding is always online" in capsys.readouterr().err
     frames, *_ = read_video(tmp_path / "o.mp4")
-    assert frames.shape == (45, 192, 256, 3)
+    assert frames.shape == (30, 192, 256, 3)  # the 1.2 s of speech, from its first sample to its last
 
 
 def _generate_cmd(out: Path, latents: Path, resume: bool = False) -> list[str]:
@@ -124,7 +126,7 @@ def _assert_same_as(out: Path, lat: Path, reference) -> None:
     assert torch.equal(load_file(str(lat))["latents"], load_file(str(ref_lat))["latents"])
     got, _, got_audio, _ = read_video(out)
     want, _, want_audio, _ = read_video(ref_out)
-    assert got.shape == want.shape == (141, 192, 256, 3)
+    assert got.shape == want.shape == (125, 192, 256, 3)  # 5 s of speech
     assert np.array_equal(got, want)
     assert np.array_equal(got_audio, want_audio)
     assert not Path(str(out) + ".partial").exists() and not Path(str(out) + ".resume").exists()
@@ -225,7 +227,7 @@ def test_sink_frame_option_reaches_the_job(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run_job(pipe, spec, should_stop=None):
+    def fake_run_job(pipe, spec, should_stop=None, **options):
         seen["rolling_sink"] = spec.rolling_sink
         return iter(())
 
@@ -236,6 +238,79 @@ def test_sink_frame_option_reaches_the_job(monkeypatch, tmp_path):
     assert seen == {"rolling_sink": False}
     cli.main(args)
     assert seen == {"rolling_sink": True}
+
+
+# -- first steps: what a new user meets ------------------------------------------------------------------
+
+
+def _t1(tmp_path, *extra) -> list[str]:
+    return ["generate", "--image", str(CASE_T1 / "image.png"), "--audio", str(CASE_T1 / "audio.wav"),
+            "--size", "128*128", "--save_file", str(tmp_path / "out.mp4"), *extra]
+
+
+def test_no_gpu_is_said_before_any_download(tmp_path, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from liveavatar.weights import hub
+
+    def no_network():
+        raise AssertionError("the hub was asked for the weights")
+
+    monkeypatch.setattr(hub, "_hub", no_network)
+    for argv in (_t1(tmp_path), ["serve"], ["app"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: no CUDA GPU found"), err
+        assert "nothing was downloaded or loaded" in err[0] and "pass --device cpu" in err[0]
+    assert not (tmp_path / "out.log").exists()
+
+
+@pytest.mark.parametrize("command, module", [("app", "gradio"), ("serve", "uvicorn"), ("serve", "fastapi")])
+def test_app_and_serve_without_the_app_extra_name_it(capsys, monkeypatch, command, module):
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package gives: an ImportError
+    for name in ("liveavatar.interfaces.app", "liveavatar.interfaces.server"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert main([command, "--ckpt_dir", str(CKPT), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: `liveavatar {command}` needs the optional 'app' extra ({module} not installed): run bash "
+                   f"scripts/setup.sh app, or pip install -e '.[app]' in the checkout"]
+
+
+def test_an_old_resume_state_names_both_leftovers_and_overwrite_starts_over(tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    partial, states = Path(str(out) + ".partial"), Path(str(out) + ".resume")
+    partial.write_bytes(b"\0\0\0\x08free")  # what an interrupted run of an earlier version left
+    states.mkdir()
+    torch.save({"stream": {"next_block": 4, "frames_emitted": 0}, "fingerprint": "old"}, states / "state-000000004.pt")
+
+    assert main(_t1(tmp_path, *CPU)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {partial} exists from an interrupted run: pass --resume to continue it, or --overwrite to start over")
+    assert main(_t1(tmp_path, *CPU, "--resume")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {states / 'state-000000004.pt'}: saved by an earlier liveavatar")
+    assert last.endswith(f"delete {states} and {partial}, or rerun with --overwrite, to start over")
+    assert main(_t1(tmp_path, *CPU, "--resume", "--overwrite")) == 2
+    assert "--resume and --overwrite: choose one" in capsys.readouterr().err
+
+    prompt = "It's a \"test\" $HOME  two  spaces"
+    argv = _t1(tmp_path, *CPU, "--overwrite", "--prompt", prompt)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert out.exists() and not partial.exists() and not states.exists()
+    frames, *_ = read_video(out)
+    assert len(frames) == 30  # 1.2 s of speech
+
+    # The run log's command line pastes back into a shell: it splits into exactly the arguments given.
+    run_line = [line for line in out.with_suffix(".log").read_text().splitlines() if " run: " in line][-1]
+    assert shlex.split(run_line.split(" run: ", 1)[1]) == ["liveavatar", *argv]
+    # The progress bar's rate is a real one from its first display on (was 67168 frame/s after the first block).
+    rates = [float(r) for r in re.findall(r"([\d.]+)frame/s", err)]
+    assert rates and all(r < 1000 for r in rates), rates
+    # The summary names the generation speed for what it is; the video's frame rate is spec.fps.
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert "fps" not in summary and summary["generation_fps"] > 0 and summary["spec"]["fps"] == 25
+    assert summary["frames"] == 30 and summary["audio"]["video_s"] == 1.2 and summary["audio"]["speech_s"] == 1.2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,13 +332,13 @@ def test_light_decoder_gives_the_same_frames_count_and_duration(tmp_path, capsys
         assert code == 0, capsys.readouterr().err
         made[decoder] = read_video(out)
         summary = json.loads(out.with_suffix(".json").read_text())
-        assert summary["decoder"] == decoder and summary["frames"] == 45
+        assert summary["decoder"] == decoder and summary["frames"] == 30
     (light, fps, light_audio, rate), (full, _, full_audio, _) = made["taew2_1"], made["wan"]
-    assert light.shape == full.shape == (45, 128, 128, 3) and fps == 25
+    assert light.shape == full.shape == (30, 128, 128, 3) and fps == 25  # the 1.2 s of speech
     assert light_audio is not None and len(light_audio) == len(full_audio)
-    # The speech is muxed from input time 3/25 s and ends with the video or the audio, whichever is shorter.
+    # The whole speech is muxed, from its first sample; the video ends with it.
     speech_s = len(load_audio(CASE_T1 / "audio.wav")) / 16000
-    assert abs(len(light_audio) / rate - min(len(light) / fps, speech_s - 3 / 25)) < 0.1
+    assert abs(len(light_audio) / rate - speech_s) < 0.1
     assert np.array_equal(light_audio, full_audio)
     assert not np.array_equal(light, full)
     log = (tmp_path / "taew2_1.log").read_text()

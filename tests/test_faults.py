@@ -99,7 +99,7 @@ def test_stop_request_finalises_after_the_block(pipe, tmp_path, reference):
     def stop_after_six_blocks():
         return len(progress) >= 6
 
-    with pytest.raises(JobStopped, match=r"stopped after 69 of 141 frames"):
+    with pytest.raises(JobStopped, match=r"stopped after 69 of 125 frames"):
         for item in run_job(pipe, _spec(tmp_path), should_stop=stop_after_six_blocks):
             progress.append(item)
     frames, *_ = read_video(tmp_path / "out.mp4.partial")

@@ -61,7 +61,7 @@ def test_the_command_refuses_before_loading(monkeypatch):
     monkeypatch.setattr(footprint, "gpu_memory", lambda device: 1 * 2**20)  # a 1 MiB GPU
     monkeypatch.setattr(footprint, "host_memory_available", lambda: 64 * GIB)
     args = argparse.Namespace(device="cuda", dtype=None, fp8=False, gpus=1, sample_steps=4, ckpt_dir=CKPT,
-                              lora_path_dmd=None, offload_model=False, size="704*384")
+                              lora_path_dmd=None, offload_model=False, size="704*384", decoder="wan", decoder_path=None)
     with pytest.raises(LiveAvatarError, match=r"^the default mode \(bf16\) at 704\*384 needs about 6 GiB of GPU "
                                               r"memory .*; this GPU has 0 GiB; --offload_model runs in about 12 GiB$"):
         backend.Backend.from_args(args)

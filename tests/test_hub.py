@@ -49,8 +49,29 @@ def test_cached_checkpoint_loads_from_hf_cache(tmp_path, monkeypatch):
 def test_missing_cache_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(CheckpointError, match=f"cannot download {WAN_REPO} from the Hugging Face Hub"):
+    with pytest.raises(CheckpointError, match=f"cannot download {WAN_REPO} from the Hugging Face Hub") as failed:
         hub.cached_checkpoint()
+    message = str(failed.value)
+    assert "\n" not in message  # one line
+    # What to do: the download resumes when rerun, or the weights come from a folder made by `liveavatar download`.
+    assert message.endswith("; check the network (or HF_HUB_OFFLINE) and rerun: the download resumes; or fetch the "
+                            "weights once with `liveavatar download --ckpt_dir ckpt` (on any machine, then copy the "
+                            "folder) and pass --ckpt_dir ckpt")
+
+
+def test_download_command_error_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    from liveavatar.interfaces.cli import main
+
+    class Offline(FakeHub):
+        def snapshot_download(self, *args, **kwargs):
+            raise OSError("Cannot reach https://huggingface.co:\n  connection refused")
+
+    monkeypatch.setattr(hub, "_hub", lambda: Offline())
+    assert main(["download", "--ckpt_dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: cannot download {WAN_REPO} from the Hugging Face Hub (OSError: Cannot reach "
+                       f"https://huggingface.co: connection refused); check the network (or HF_HUB_OFFLINE) and rerun "
+                       f"`liveavatar download --ckpt_dir {tmp_path / 'w'}`: it continues where it stopped")
 
 
 class FakeHub:

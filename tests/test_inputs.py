@@ -203,6 +203,41 @@ def test_unusual_image_modes_become_the_rgb_reference(tmp_path, pipe, speech, na
         assert np.abs(pixels.astype(int) - noise_rgb()).mean() < 12  # JPEG loss only
 
 
+def test_a_small_image_is_named_with_the_size_that_comes_out(tmp_path, capsys, no_model_loading, speech):
+    """A 64x64 image at --size 256*256 makes a 64x64 video: the command says so before the models load."""
+    small = tmp_path / "small.png"
+    Image.fromarray(noise_rgb(64, 64)).save(small)
+    with pytest.raises(AssertionError, match="the models started loading"):  # the warning came first
+        main(["generate", "--image", str(small), "--audio", str(speech), "--save_file", str(tmp_path / "o.mp4"),
+              "--size", "256*256", "--ckpt_dir", str(CKPT), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert ("WARNING liveavatar: the image is 64x64 pixels, smaller than --size 256*256 asks for: the "
+            "video will be 64x64 (an image is not scaled up to fill --size); for a video of about that size use an "
+            "image of at least 256x256 pixels, or pass a smaller --size") in err
+    assert "the image is 64x64" in (tmp_path / "o.log").read_text()  # in the run log too
+    notices = []
+    preflight(JobSpec(small, speech, "hi", tmp_path / "p.mp4", size="256*256"), notices)
+    assert len(notices) == 1 and notices[0].startswith("the image is 64x64 pixels")
+    wide = tmp_path / "wide.png"
+    Image.fromarray(noise_rgb(100, 300)).save(wide)
+    notices = []
+    preflight(JobSpec(wide, speech, "hi", tmp_path / "p.mp4", size="704*384"), notices)
+    assert notices == ["the image is 300x100 pixels, smaller than --size 704*384 asks for: the video will be 320x128 "
+                       "(an image is not scaled up to fill --size); for a video of about that size use an image of at "
+                       "least 901x301 pixels, or pass a smaller --size"]
+    notices = []
+    preflight(JobSpec(small, speech, "hi", tmp_path / "p.mp4", size="64*64"), notices)  # what --size asks for
+    assert notices == []
+
+
+def test_num_clip_beyond_the_speech_is_said_on_the_console(tmp_path, capsys, no_model_loading, face, speech):
+    with pytest.raises(AssertionError, match="the models started loading"):
+        main(["generate", "--image", str(face), "--audio", str(speech), "--save_file", str(tmp_path / "o.mp4"),
+              "--size", SIZE, "--num_clip", "5", "--ckpt_dir", str(CKPT), "--device", "cpu"])
+    assert ("WARNING liveavatar: --num_clip 5: the speech covers only 1 clip(s) of 48 frames; "
+            "generating 1 (a longer speech makes more)") in capsys.readouterr().err
+
+
 def test_image_errors_come_before_the_models(tmp_path, capsys, no_model_loading, speech):
     out = tmp_path / "o.mp4"
     bomb = tmp_path / "bomb.png"
@@ -282,7 +317,7 @@ def test_silence_a_long_prompt_and_a_huge_num_clip_still_make_a_video(tmp_path, 
     assert isinstance(result, JobResult) and result.clips == 1 and result.frames == 45
     notes = [r.getMessage() for r in caplog.records]
     assert any(n.startswith("the prompt is ") and n.endswith("tokens long; only its first 512 are used") for n in notes)
-    assert "output 128x128, 1 clip(s) of 48 frames (the audio covers 1)" in notes
+    assert "output 128x128, 1 clip(s) of 48 frames (the audio covers 1), decoder wan" in notes
     frames, fps, audio, rate = read_video(tmp_path / "idle.mp4")
     assert frames.shape == (45, 128, 128, 3) and fps == 25 and frames.std() > 0
     assert rate == SR and np.abs(audio).max() < 1e-3  # the muxed track is the silence
@@ -402,7 +437,11 @@ def test_output_folder_problems_come_before_the_models(tmp_path, capsys, no_mode
     message = generate_error(capsys, face, speech, tmp_path / "a-file" / "sub" / "o.mp4")
     assert message == f"{tmp_path / 'a-file' / 'sub'}: cannot create the output folder (Not a directory)"
     (tmp_path / "taken.mp4").mkdir()
-    assert generate_error(capsys, face, speech, tmp_path / "taken.mp4") == f"{tmp_path / 'taken.mp4'}: is a folder; expected a file name to write"
+    assert generate_error(capsys, face, speech, tmp_path / "taken.mp4") == (
+        f"{tmp_path / 'taken.mp4'}: is a folder; expected a file name to write, such as {tmp_path / 'taken.mp4' / 'out.mp4'}")
+    (tmp_path / "videos").mkdir()  # a folder without the .mp4 suffix: named as a folder, not as a wrong suffix
+    assert generate_error(capsys, face, speech, tmp_path / "videos") == (
+        f"{tmp_path / 'videos'}: is a folder; expected a file name to write, such as {tmp_path / 'videos' / 'out.mp4'}")
     message = generate_error(capsys, face, speech, tmp_path / "o.mp4", "--save_latents", str(tmp_path / "a-file" / "l.safetensors"))
     assert message == f"{tmp_path / 'a-file'}: is a file, not a folder to write l.safetensors into"
 
@@ -433,7 +472,7 @@ def test_too_little_free_disk_is_refused_with_the_numbers(tmp_path, capsys, monk
 
     monkeypatch.setattr(shutil, "disk_usage", nearly_full)
     message = generate_error(capsys, face, speech, tmp_path / "o.mp4")
-    assert message == (f"{tmp_path}: not enough free disk space: 50 MB free, about 100 MB needed (45 frames of "
+    assert message == (f"{tmp_path}: not enough free disk space: 50 MB free, about 100 MB needed (38 frames of "
                        f"128x128, the run log and a resume state)")
     assert not (tmp_path / "o.log").exists()
 

@@ -227,6 +227,64 @@ def test_load_image_16bit_rgb(tmp_path):
     assert out[0, 0].tolist() == [255, 0, 60]
 
 
+def _quadrants(height: int, width: int) -> np.ndarray:
+    """An upright picture no turn or mirror maps onto itself: four coloured quadrants, a white top row."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    h, w = height // 2, width // 2
+    pixels[:h, :w], pixels[:h, w:] = (220, 30, 30), (30, 200, 30)  # top: red, green
+    pixels[h:, :w], pixels[h:, w:] = (30, 30, 220), (220, 220, 30)  # bottom: blue, yellow
+    pixels[:4] = 255
+    return pixels
+
+
+# How a camera stores an upright picture under each EXIF Orientation value (EXIF 2.32, tag 0x0112: where
+# the stored 0th row and 0th column lie in the picture as shown), written with numpy, not Pillow.
+_STORED = {
+    1: lambda u: u,
+    2: lambda u: u[:, ::-1],  # mirrored left-right
+    3: lambda u: u[::-1, ::-1],  # turned 180
+    4: lambda u: u[::-1],  # mirrored top-bottom
+    5: lambda u: u.transpose(1, 0, 2),  # 0th row = left side, 0th column = top
+    6: lambda u: np.rot90(u, 1),  # 0th row = right side (shown turned 90 clockwise): the phone held upright
+    7: lambda u: u.transpose(1, 0, 2)[::-1, ::-1],  # 0th row = right side, 0th column = bottom
+    8: lambda u: np.rot90(u, -1),  # 0th row = left side, 0th column = bottom
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_load_image_applies_the_exif_orientation_of_a_phone_jpeg(tmp_path, orientation):
+    """A portrait photo shown 512x640 (width x height); tags 5-8 store it 640x512 (a phone's sensor)."""
+    upright = _quadrants(640, 512)
+    stored = np.ascontiguousarray(_STORED[orientation](upright))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"phone-{orientation}.jpg"
+    Image.fromarray(stored).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    data = path.read_bytes()
+    assert b"Exif\x00\x00" in data[:64]  # a real APP1 Exif segment
+    with Image.open(path) as raw:
+        assert raw.size == (stored.shape[1], stored.shape[0]) and raw.getexif()[0x0112] == orientation
+
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (512, 640)  # shown size: portrait, whatever the storage
+    diff = np.abs(np.asarray(out).astype(int) - upright.astype(int))
+    assert diff.mean() < 3 and np.percentile(diff, 99) < 40  # JPEG loss only, at the colour edges
+    assert output_size(out.height, out.width, parse_size("384*256")) == (320, 256)  # a portrait video (H, W)
+
+
+def test_load_image_ignores_a_broken_exif_block(tmp_path):
+    path = tmp_path / "broken.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(_quadrants(64, 48)).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    data = bytearray(path.read_bytes())
+    at = data.index(b"Exif\x00\x00") + 6
+    data[at : at + 8] = b"XX\xff\xff\xff\xff\xff\xff"  # not a TIFF header: the tag cannot be read
+    path.write_bytes(bytes(data))
+    out = load_image(path)
+    assert out.size == (48, 64)  # as stored
+
+
 # -- audio -----------------------------------------------------------------------------------
 
 
@@ -558,3 +616,95 @@ def test_resume_after_a_crashed_resume_and_from_zero(tmp_path):
         writer.write(_block(0, BLOCK))
     assert read_video(path)[0].shape[0] == 12
     assert sorted(p.name for p in tmp_path.iterdir() if "again" in p.name) == ["again.mp4"]
+
+
+# -- the speech as the video's sound track -------------------------------------------------------------
+
+
+def _multichannel_wav(path, rate: int, channels: int, seconds: float) -> np.ndarray:
+    """Channel c is a tone at 200 * (c + 1) Hz; returns the samples [channels, n] as stored (int16 / 32767)."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    planes = np.stack([0.3 * np.sin(2 * np.pi * 200 * (c + 1) * t) for c in range(channels)])
+    samples = np.round(planes * 32767)
+    _write_wav(path, samples.T.reshape(-1), rate, channels)
+    return samples / 32767
+
+
+def test_track_reader_keeps_rate_and_channels_and_reads_the_stretch(tmp_path):
+    from liveavatar.media.audio import SpeechTrack
+
+    source = _multichannel_wav(tmp_path / "stereo.wav", 44100, 2, 1.0)
+    with SpeechTrack(tmp_path / "stereo.wav", start_s=0.25, duration_s=0.5, gain=0.5).open() as reader:
+        assert (reader.sample_rate, reader.channels, reader.layout) == (44100, 2, "stereo")
+        parts = [reader.read(1000) for _ in range(30)]
+    assert [p.shape[1] for p in parts[:22]] == [1000] * 22 and parts[22].shape[1] == 50 and parts[23].shape[1] == 0
+    got = np.concatenate(parts, axis=1)
+    start = int(0.25 * 44100)
+    np.testing.assert_allclose(got, 0.5 * source[:, start : start + 22050], atol=1e-4)  # 16-bit PCM passes as is
+    with SpeechTrack(tmp_path / "stereo.wav").open() as reader:  # to the end of the file
+        assert reader.read(10**6).shape == (2, 44100) and reader.read(10).shape == (2, 0)
+
+
+@pytest.mark.parametrize("rate, channels, want_rate, want_layout", [
+    (16000, 1, 16000, "mono"),
+    (37800, 2, 44100, "stereo"),  # no AAC rate: the next one up
+    (192000, 2, 96000, "stereo"),
+    (48000, 6, 48000, None),  # six channels stay six
+    (48000, 10, 48000, "stereo"),  # more than AAC carries: mixed down to stereo
+])
+def test_track_reader_picks_what_aac_carries(tmp_path, rate, channels, want_rate, want_layout):
+    from liveavatar.media.audio import SpeechTrack
+
+    _multichannel_wav(tmp_path / "in.wav", rate, channels, 0.5)
+    with SpeechTrack(tmp_path / "in.wav").open() as reader:
+        assert reader.sample_rate == want_rate
+        if want_layout is None:
+            assert reader.channels == channels
+        else:
+            assert reader.layout == want_layout
+        samples = reader.read(10**6)
+    assert abs(samples.shape[1] - 0.5 * want_rate) <= 64 and samples.shape[0] == reader.channels
+    if reader.channels == channels:  # each channel keeps its own tone
+        n = min(16384, samples.shape[1])
+        for c in range(channels):
+            spectrum = np.abs(np.fft.rfft(samples[c, :n] * np.hanning(n)))
+            assert abs(np.fft.rfftfreq(n, 1 / want_rate)[np.argmax(spectrum)] - 200 * (c + 1)) < 5
+
+
+def test_writer_muxes_a_track_at_its_own_rate_and_channels_and_resumes_identically(tmp_path):
+    from liveavatar.media.audio import SpeechTrack
+    from liveavatar.media.video import read_audio
+
+    source = _multichannel_wav(tmp_path / "stereo.wav", 44100, 2, 3.0)
+    track = SpeechTrack(tmp_path / "stereo.wav", start_s=0.5)
+    full = tmp_path / "full.mp4"
+    with FragmentedMP4Writer(full, WIDTH, HEIGHT, FPS, track, **FAST) as writer:
+        for start in range(0, 48, BLOCK):
+            writer.write(_block(start, BLOCK))
+        assert (writer.sample_rate, writer.audio_channels) == (44100, 2)
+    with av.open(str(full)) as container:
+        sound = container.streams.audio[0]
+        assert (sound.codec_context.sample_rate, sound.codec_context.channels) == (44100, 2)
+        assert 160_000 < sound.bit_rate <= 200_000
+    planes, rate, layout = read_audio(full)
+    assert (rate, layout) == (44100, "stereo")
+    assert 48 / FPS <= planes.shape[1] / rate < 48 / FPS + 1024 / rate  # the sound stops with the video
+    middle = slice(4410, 4410 + 32768)
+    for channel, freq in ((0, 200), (1, 400)):
+        spectrum = np.abs(np.fft.rfft(planes[channel, middle] * np.hanning(32768)))
+        assert abs(np.fft.rfftfreq(32768, 1 / rate)[np.argmax(spectrum)] - freq) < 2
+    # From 0.5 s of the file on: output sample i is file sample 22050 + i.
+    scores = [np.dot(planes[0, :8192], source[0, 22050 + d : 22050 + d + 8192]) for d in range(-50, 51)]
+    assert int(np.argmax(scores)) - 50 == 0
+
+    # A resume re-reads the track from the start: the same packets, a byte-identical file.
+    cut = tmp_path / "cut.mp4"
+    writer = FragmentedMP4Writer(cut, WIDTH, HEIGHT, FPS, track, **FAST)
+    for start in range(0, 24, BLOCK):
+        writer.write(_block(start, BLOCK))
+    writer.abort()
+    writer = FragmentedMP4Writer.resume(tmp_path / "cut.mp4.partial", 24, WIDTH, HEIGHT, FPS, track, **FAST)
+    for start in range(24, 48, BLOCK):
+        writer.write(_block(start, BLOCK))
+    writer.close()
+    assert cut.read_bytes() == full.read_bytes()

@@ -32,10 +32,12 @@ TRACKS = f"{CASE / 'audio.wav'}+{CASE / 'audio2.wav'}"
 MASKS = f"{CASE / 'mask_actor1.png'}+{CASE / 'mask_actor2.png'}"
 
 
-def case_m_args(out: Path, *extra: str) -> list[str]:
+def case_m_args(out: Path, *extra: str, original: bool = True) -> list[str]:
+    """`generate` on case M; `original`: its two whole clips on the original's timing (what the golden data holds)."""
+    timing = ["--num_clip", "2", "--original_timing"] if original else []
     return ["generate", "--image", str(CASE / "image.png"), "--audio", TRACKS, "--masks", MASKS,
             "--prompt", (CASE / "prompt.txt").read_text(), "--size", "384*256", "--base_seed", "21",
-            "--save_file", str(out), *CPU, *extra]
+            "--save_file", str(out), *CPU, *timing, *extra]
 
 
 def as_clips(latents: torch.Tensor, clips: int) -> torch.Tensor:
@@ -256,6 +258,18 @@ def test_generate_case_M_matches_original(tmp_path, capsys):
     assert "person 1 (mask" in log and "person 2 (mask" in log and "2 people (given)" in log
     spec = json.loads(out.with_suffix(".json").read_text())["spec"]
     assert spec["speakers"]["masks"] == [str(CASE / "mask_actor1.png"), str(CASE / "mask_actor2.png")]
+
+
+def test_generate_several_people_with_the_lead_in_keeps_the_whole_shorter_track(tmp_path):
+    """The default timing: the model hears 120 ms of silence first, so the video starts with the speech's first
+    sample and ends with the shorter track (3.2 s: 80 frames), its sound the whole mix of the two tracks."""
+    out = tmp_path / "lead.mp4"
+    assert main(case_m_args(out, original=False)) == 0
+    frames, fps, audio, rate = read_video(out)
+    assert len(frames) == 80 and fps == 25 and rate == 16000
+    assert abs(len(audio) / rate - 3.2) < 0.05
+    log = out.with_suffix(".log").read_text()
+    assert "with 120 ms of silence in front for the model" in log and "2 people (given)" in log
 
 
 def test_generate_case_M_on_two_processes(tmp_path):

@@ -103,8 +103,9 @@ def test_live_session_on_two_processes(service):
             end = event
     assert end[1] is None, end[1]
     assert [b.index for b in blocks[:5]] == list(range(5))
-    assert [b.speech_start for b in blocks[:3]] == list(np.cumsum([0] + [b.speech_samples for b in blocks[:2]]))
-    assert sum(b.speech_samples for b in blocks) == len(speech)
+    # In order, nothing lost or twice (a session behind real time may drop pauses: dropped_samples).
+    assert [b.speech_start for b in blocks[:3]] == [0] + [b.speech_end for b in blocks[:2]]
+    assert sum(b.speech_samples + b.dropped_samples for b in blocks) == len(speech)
     assert blocks[4].speech_samples == 0  # after the speech: idle
     deadline = time.monotonic() + WAIT_S
     while task.state != DONE:

@@ -6,6 +6,7 @@ import shutil
 import socket
 import threading
 import time
+import wave
 from contextlib import contextmanager
 
 import av
@@ -22,15 +23,14 @@ pytest.importorskip("fastapi")
 from websockets.sync.client import connect  # noqa: E402
 
 from liveavatar.engine.live import (  # noqa: E402
-    JITTER_S, LiveMP4Muxer, LiveSpeech, SessionClosed, init_segment_length, mime_type,
+    JITTER_S, LiveMP4Muxer, LiveSession, LiveSpeech, SessionClosed, SessionOptions, init_segment_length, mime_type,
 )
 from liveavatar.engine.pipeline import LiveAvatarPipeline  # noqa: E402
 from liveavatar.engine.worker import EngineWorker  # noqa: E402
 from liveavatar.interfaces.server import create_app  # noqa: E402
 from liveavatar.media.audio import load_audio  # noqa: E402
-from liveavatar.media.video import read_video  # noqa: E402
+from liveavatar.media.video import read_audio, read_video  # noqa: E402
 from liveavatar import tts  # noqa: E402
-from liveavatar.engine.audio_source import clips_covered  # noqa: E402
 from liveavatar.tts.speaker import to_speech_rate  # noqa: E402
 
 FACE, SPEECH = REPO / "examples" / "face.png", REPO / "examples" / "speech.wav"
@@ -98,11 +98,12 @@ def wait_until(predicate, what: str):
 def test_health_and_openapi(server):
     client, worker, _ = server
     health = client.get("/health").json()
+    assert set(health.pop("realtime")) == {"size", "sample_steps", "fps", "keeps_up", "calibration"}
     assert health == {"status": "ok", "device": "cpu", "queued": 0, "max_queue": 2, "running": None,
                       "decoder": "wan", "decoders": ["wan"]}
     schema = client.get("/openapi.json").json()
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/live", "/jobs/{job_id}/video", "/jobs/{job_id}/cancel",
-                 "/sessions", "/sessions/{session_id}/video", "/health"):
+                 "/sessions", "/sessions/{session_id}/video", "/health", "/capabilities"):
         assert path in schema["paths"], path
     fields = schema["components"]["schemas"]["Body_submit_job_jobs_post"]["properties"]
     assert {"image", "audio", "prompt", "size", "num_clip", "sample_steps", "seed"} <= set(fields)
@@ -232,7 +233,7 @@ def test_live_session_speaks_pushed_speech_in_order_then_idles(server):
                 first_block_s = first_block_s or time.perf_counter() - t_push
                 event["received"] = time.perf_counter()
                 blocks.append(event)
-                spoken = sum(b["speech_samples"] for b in blocks)
+                spoken = blocks[-1]["speech_end"]  # spoken, or dropped as silence to catch up
                 if spoken == len(speech) and sum(not b["speech_samples"] for b in blocks) == 3 and not pusher.is_alive():
                     ws.send(json.dumps({"type": "close"}))
             elif event["type"] == "end":
@@ -250,10 +251,13 @@ def test_live_session_speaks_pushed_speech_in_order_then_idles(server):
     assert [b["index"] for b in blocks] == list(range(len(blocks)))
     assert [b["first_frame"] for b in blocks] == list(np.cumsum([0] + [b["frames"] for b in blocks[:-1]]))
     assert [b["frames"] for b in blocks] == [9] + [12] * (len(blocks) - 1)
-    # Speech comes back in order with no gap and nothing twice: each block continues where the last ended.
-    assert [b["speech_start"] for b in blocks] == list(np.cumsum([0] + [b["speech_samples"] for b in blocks[:-1]]))
+    # Speech comes back in order with no gap and nothing twice: each block continues where the last ended (past
+    # the silence it dropped, if the session fell behind; see test_live_realtime.py).
+    assert [b["speech_start"] for b in blocks] == [0] + [b["speech_end"] for b in blocks[:-1]]
+    assert all(b["speech_end"] == b["speech_start"] + b["speech_samples"] + b["dropped_samples"] for b in blocks)
     speaking = [b for b in blocks if b["speech_samples"]]
-    assert sum(b["speech_samples"] for b in speaking) == len(speech)
+    assert sum(b["speech_samples"] + b["dropped_samples"] for b in blocks) == len(speech)
+    print(f"lag after each block (s): {[b['lag_s'] for b in blocks]}")
     assert all(b["padded_samples"] == 0 for b in speaking[1:-1]), "silence inserted in the middle of the speech"
     # After the speech the avatar stays alive: the stream goes on with idle blocks until it is closed.
     assert blocks[-1]["speech_samples"] == 0 and blocks[-1]["index"] > speaking[-1]["index"]
@@ -294,6 +298,79 @@ def test_live_speech_waits_for_speech_and_idles_on_silence(pipe):
     speech.close()
     with pytest.raises(SessionClosed):
         speech.block(2, 12)
+
+
+def stereo_wav(seconds: float = 1.5, rate: int = 44100) -> bytes:
+    """A 44.1 kHz stereo WAV: 300 Hz on the left, 500 Hz on the right."""
+    t = np.arange(int(seconds * rate)) / rate
+    planes = np.stack([0.3 * np.sin(2 * np.pi * 300 * t), 0.3 * np.sin(2 * np.pi * 500 * t)])
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
+        f.setnchannels(2)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(np.round(planes.T * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def test_a_stereo_upload_downloads_with_its_own_rate_and_channels(server, tmp_path):
+    client, _, _ = server
+    response = client.post("/jobs", files={"image": ("face.png", FACE.read_bytes()), "audio": ("voice.wav", stereo_wav())},
+                           data={"seed": "3"})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    status = wait_until(lambda: (s := client.get(f"/jobs/{job['id']}").json())["state"] in ("done", "failed") and s,
+                        "the job")
+    assert status["state"] == "done", status
+    assert status["result"]["frames"] == 38  # ends with the 1.5 s of speech (ceil(1.5 * 25) frames)
+    assert status["result"]["generation_fps"] > 0 and "fps" not in status["result"]
+    (tmp_path / "v.mp4").write_bytes(client.get(job["links"]["video"]).content)
+    planes, rate, layout = read_audio(tmp_path / "v.mp4")
+    assert (rate, layout) == (44100, "stereo")
+    for channel, freq in ((0, 300), (1, 500)):
+        spectrum = np.abs(np.fft.rfft(planes[channel, :32768] * np.hanning(32768)))
+        assert abs(np.fft.rfftfreq(32768, 1 / rate)[np.argmax(spectrum)] - freq) < 3
+
+
+def test_live_speech_puts_120_ms_of_silence_before_the_first_window(pipe):
+    """The stream drops its first 3 frames: the first window's silence falls there, and no speech is lost."""
+    speech = LiveSpeech(pipe.audio_encoder)
+    wave_ = load_audio(SPEECH)
+    speech.push(wave_[:16000])
+    speech.block(0, 12)
+    first = speech.window(0)
+    assert (first.speech_start, first.speech_samples) == (0, 5760)  # 0.36 s of speech after 0.12 s of silence
+    assert not first.samples[:1920].any() and np.array_equal(first.samples[1920:], wave_[:5760])
+    speech.block(1, 12)
+    second = speech.window(1)
+    assert (second.speech_start, second.speech_samples) == (5760, 7680)
+    assert np.array_equal(second.samples, wave_[5760 : 5760 + 7680])
+    speech.close()
+
+
+def test_live_session_sound_track_has_every_pushed_sample(pipe):
+    session = LiveSession(SessionOptions(FACE, size=SIZE))
+    events = []
+
+    def collect(event):
+        events.append(event)
+        if event[0] == "block" and event[1].index == 3:
+            session.close()
+
+    session.subscribe(collect)
+    rng = np.random.default_rng(3)
+    pushed = np.convolve(rng.normal(0, 0.2, 16000), np.ones(8) / 8, "same").astype(np.float32)  # 1 s, below 2 kHz
+    session.push(pushed)
+    session.run(pipe)
+    data = b"".join(e[1] if e[0] == "init" else e[2] for e in events)
+    with av.open(io.BytesIO(data)) as container:
+        rate = container.streams.audio[0].codec_context.sample_rate
+        sound = np.concatenate([f.to_ndarray()[0] for f in container.decode(audio=0)])
+    assert rate == 16000
+    # The sound starts with the first pushed sample (frame 0 shows it), not 120 ms into it.
+    scores = [np.dot(sound[:4000], pushed[d : d + 4000]) for d in range(0, 2500)]
+    assert int(np.argmax(scores)) == 0
+    assert np.corrcoef(sound[:4000], pushed[:4000])[0, 1] > 0.9
 
 
 def test_live_muxer_fragments_keyframes_and_late_join():
@@ -338,10 +415,11 @@ def test_job_from_text_speaks_it(server):
                         "the text job to finish")
     assert status["state"] == "done", status
     (work_dir / "text.mp4").write_bytes(client.get(job["links"]["video"]).content)
-    frames, _, audio, rate = read_video(work_dir / "text.mp4")
-    speech = to_speech_rate(tts.synthesize(TEXT, "espeak", "en-us"))[3 * 640:]
-    assert len(frames) == clips_covered(len(speech) + 3 * 640) * 48 - 3, "the video covers the speech"
-    assert abs(len(audio) - min(len(speech), len(frames) * 640)) < 0.1 * rate
+    frames, *_ = read_video(work_dir / "text.mp4")
+    speech = to_speech_rate(tts.synthesize(TEXT, "espeak", "en-us"))
+    assert len(frames) == -(-len(speech) // 640), "the video covers the speech and ends with it"
+    audio = load_audio(work_dir / "text.mp4")  # the sound track at 16 kHz: the whole speech, from its first sample
+    assert abs(len(audio) - len(speech)) < 0.05 * 16000
     n = min(len(audio), len(speech))
     assert np.corrcoef(audio[:n], speech[:n])[0, 1] > 0.95, "the video's sound is the synthesised text"
     assert {p.name for p in (work_dir / "jobs" / job["id"]).iterdir()} == {"output.mp4"}
@@ -403,7 +481,7 @@ def test_live_session_speaks_text_messages(server):
             elif event["type"] == "block":
                 blocks.append(event)
                 total = sum(s["speech_samples"] for s in said)
-                if sentences and len(said) == len(sentences) and sum(b["speech_samples"] for b in blocks) == total \
+                if sentences and len(said) == len(sentences) and blocks[-1]["speech_end"] == total \
                         and len(blocks) >= 3 and all(b["speech_samples"] == 0 for b in blocks[-2:]):
                     ws.send(json.dumps({"type": "close"}))
             elif event["type"] == "end":
@@ -418,13 +496,14 @@ def test_live_session_speaks_text_messages(server):
     # The avatar spoke the text: blocks driven by its speech (not idle), all of it, in order; then it idled.
     speech = np.concatenate([to_speech_rate(tts.synthesize(s, "espeak", "en-us")) for s in sentences])
     assert sum(s["speech_samples"] for s in said) == len(speech)
+    # (A session behind real time, as on a busy CPU, shortens the pause between the sentences: `dropped`.)
     speaking = [b for b in blocks if b["speech_samples"]]
-    assert len(speaking) >= len(speech) // 7680 and sum(b["speech_samples"] for b in speaking) == len(speech)
+    assert sum(b["speech_samples"] + b["dropped_samples"] for b in blocks) == len(speech)
+    assert len(speaking) >= (len(speech) - sum(b["dropped_samples"] for b in blocks)) // 7680
     assert blocks[-1]["speech_samples"] == 0
     # The session's video carries that speech where the blocks say (each block: silence it was padded with, then
     # its share of the speech; the first 3 frames' sound is dropped with them).
-    expected = np.concatenate([np.concatenate([np.zeros(b["padded_samples"], np.float32),
-                                               speech[b["speech_start"] : b["speech_start"] + b["speech_samples"]]])
+    expected = np.concatenate([np.concatenate([np.zeros(b["padded_samples"], np.float32), spoken(b, speech)])
                                for b in blocks])[3 * 640:]
     with av.open(io.BytesIO(bytes(video))) as container:
         sound = np.concatenate([f.to_ndarray()[0] for f in container.decode(audio=0)])
@@ -432,7 +511,98 @@ def test_live_session_speaks_text_messages(server):
     assert n > len(speech) and np.corrcoef(sound[:n], expected[:n])[0, 1] > 0.9
 
 
+def spoken(block: dict, pushed: np.ndarray) -> np.ndarray:
+    """The pushed samples a block spoke: its range less the silence it dropped."""
+    keep = np.ones(block["speech_end"] - block["speech_start"], bool)
+    for start, end in block["dropped"]:
+        keep[start - block["speech_start"] : end - block["speech_start"]] = False
+    return pushed[block["speech_start"] : block["speech_end"]][keep]
+
+
 def test_session_voice_is_checked_at_creation(server):
     client, _, _ = server
     r = client.post("/sessions", files={"image": ("face.png", FACE.read_bytes())}, data={"size": SIZE, "tts": "nope"})
     assert r.status_code == 400 and r.json()["detail"].startswith("tts: unknown speech engine 'nope'")
+
+
+# ------------------------------------------------------------------------------------------- real time
+@pytest.fixture
+def measured(server, monkeypatch):
+    """The server's speed table as if measured: 128*128 too slow for real time, 64*64 fast enough."""
+    from liveavatar.engine.realtime import SpeedTable
+
+    _, worker, _ = server
+    realtime = worker.realtime
+    monkeypatch.setattr(realtime, "table", SpeedTable(None, realtime.table.machine))
+    monkeypatch.setattr(realtime, "sizes", ("128*128", "64*64"))
+    realtime.table.record("128*128", 4, 5.0, 8, "calibration")
+    realtime.table.record("64*64", 4, 40.0, 8, "calibration")
+    return realtime
+
+
+def new_session(client, **form):
+    return client.post("/sessions", files={"image": ("face.png", FACE.read_bytes())}, data={k: str(v) for k, v in form.items()})
+
+
+def test_capabilities_and_health_show_the_measured_speeds_and_the_preset(server, measured):
+    client, _, _ = server
+    caps = client.get("/capabilities").json()
+    assert caps["device"] == "cpu" and caps["needed_fps"] == 27.5 and caps["video_fps"] == 25
+    assert [(r["size"], r["sample_steps"], r["fps"], r["keeps_up"]) for r in caps["speeds"]] == [
+        ("128*128", 4, 5.0, False), ("64*64", 4, 40.0, True)]
+    assert caps["realtime"]["size"] == "64*64" and caps["realtime"]["sample_steps"] == 4
+    assert caps["realtime"]["reason"].startswith("64*64 at 4 steps: 40.0 FPS (1.60x real time), the largest size")
+    assert caps["calibration"]["state"] == "off" and caps["speed_table"] is None
+    assert client.get("/health").json()["realtime"] == {"size": "64*64", "sample_steps": 4, "fps": 40.0,
+                                                        "keeps_up": True, "calibration": "off"}
+
+
+def test_sessions_refuse_or_downgrade_a_size_that_cannot_keep_up(server, measured):
+    client, worker, _ = server
+    refused = new_session(client, size=SIZE, on_slow="refuse")
+    assert refused.status_code == 409
+    body = refused.json()
+    assert body["detail"] == ("128*128 at 4 steps makes 5.0 FPS on this machine, below the 27.5 FPS a live session "
+                              "needs to keep up (1.1x 25 FPS); the real-time preset here is 64*64 at 4 steps (40.0 FPS): "
+                              "ask for it, or for on_slow=downgrade")
+    assert body["requested"] == {"size": SIZE, "sample_steps": 4, "fps": 5.0} and body["realtime"]["size"] == "64*64"
+    for form, detail in [({"realtime": "true", "size": SIZE}, "size: realtime=true picks the size"),
+                         ({"realtime": "true", "sample_steps": 3}, "sample_steps: the real-time preset picks"),
+                         ({"on_slow": "hurry"}, "on_slow: one of downgrade, refuse, keep")]:
+        r = new_session(client, **form)
+        assert r.status_code == 422 and r.json()["detail"].startswith(detail), r.text
+    auto = new_session(client, size="auto")
+    assert auto.status_code == 201 and auto.json()["plan"]["type"] == "realtime" and auto.json()["plan"]["size"] == "64*64"
+    client.post(f"/sessions/{auto.json()['id']}/close")
+
+    # The default policy downgrades, and says so on the WebSocket before the first block, which is at the preset.
+    r = new_session(client, size=SIZE)
+    assert r.status_code == 201, r.text
+    session = r.json()
+    assert session["plan"]["type"] == "downgrade" and session["plan"]["requested"]["size"] == SIZE
+    assert {"lag_s", "queued_s", "dropped_s", "max_lag_s", "size", "sample_steps", "mime"} <= set(session)
+    url = client.base_url.copy_with(scheme="ws", path=session["links"]["ws"])
+    events = []
+    with connect(str(url), max_size=None) as ws:
+        for _ in range(200):
+            message = ws.recv(timeout=120)
+            if isinstance(message, bytes):
+                continue
+            events.append(json.loads(message))
+            if events[-1]["type"] == "block":
+                break
+        status = client.get(f"/sessions/{session['id']}").json()
+        ws.send(json.dumps({"type": "close"}))
+        for _ in range(200):
+            message = ws.recv(timeout=120)
+            if isinstance(message, str) and json.loads(message)["type"] == "end":
+                break
+    assert [e["type"] for e in events] == ["session", "downgrade", "init", "block"]
+    assert events[1]["size"] == "64*64" and "downgraded to 64*64 at 4 steps (40.0 FPS)" in events[1]["reason"]
+    block = events[-1]
+    assert (block["size"], block["sample_steps"]) == ("64*64", 4) and block["lag_s"] >= 0
+    assert {"speech_end", "dropped_samples", "dropped", "latency_ms", "speech_media_s"} <= set(block)
+    assert status["size"] == "64*64" and status["mime"].startswith('video/mp4; codecs="avc1.') and status["lag_s"] >= 0
+    page = client.get(session["links"]["view"])
+    assert page.status_code == 200 and "<video" in page.text and "controls" not in page.text
+    assert client.get("/sessions/nope/view").status_code == 404

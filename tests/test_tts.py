@@ -14,8 +14,8 @@ from conftest import CKPT, REPO, requires_golden
 from liveavatar import tts
 from liveavatar.engine.audio_source import clips_covered
 from liveavatar.engine.job import JobSpec, speech_file_for, synthesize_text
-from liveavatar.engine.stream import DROPPED_FIRST_FRAMES
 from liveavatar.interfaces.cli import main
+from liveavatar.media.audio import load_audio
 from liveavatar.media.video import read_video
 from liveavatar.tts.piper import PiperEngine
 from liveavatar.tts.speaker import TextSpeaker, to_speech_rate
@@ -142,7 +142,6 @@ def test_espeak_speaks_with_its_voices_and_refuses_unknown_ones(fresh_engines, t
     path = tts.synthesize_file(TEXT, tmp_path / "s.wav")
     speech = to_speech_rate(long)  # the upload path: decoded and resampled to 16 kHz
     assert len(speech) == pytest.approx(long.seconds * 16000, abs=2)
-    from liveavatar.media.audio import load_audio
     assert np.array_equal(load_audio(path), speech)
 
 
@@ -171,13 +170,14 @@ def test_generate_text_writes_the_spoken_text(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out)
     speech = to_speech_rate(tts.synthesize(TEXT))  # what the job should have spoken, at 16 kHz
     frames, fps, audio, rate = read_video(out)
-    # The video covers the speech (as many clips as a speech file of that length gets) ...
-    clips = clips_covered(len(speech))
-    assert clips >= 2 and frames.shape == (clips * 48 - DROPPED_FIRST_FRAMES, 128, 128, 3) and fps == 25
-    # ... and its sound is that speech, from input time 3/25 s on, to the end of the speech or of the video.
-    shown = speech[DROPPED_FIRST_FRAMES * 640:]
-    assert rate == 16000 and abs(len(audio) - min(len(shown), len(frames) * 640)) < 0.1 * rate
-    assert _audio_correlation(audio, shown) > 0.95
+    # The video covers the speech, more than a clip of it, and ends with it (on the frame showing its last sample) ...
+    assert clips_covered(len(speech)) >= 2 and fps == 25
+    assert frames.shape == (-(-len(speech) // 640), 128, 128, 3)
+    # ... and its sound is that speech, whole (from its first sample), at the synthesised file's own rate.
+    assert rate == tts.synthesize(TEXT).sample_rate
+    sound = load_audio(out)  # the sound track at 16 kHz, as the speech above
+    assert abs(len(sound) - len(speech)) < 0.05 * 16000
+    assert _audio_correlation(sound, speech) > 0.95
     assert not speech_file_for(out).exists(), "the synthesised speech is removed once it is in the video"
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["spec"]["text"] == TEXT and summary["frames"] == len(frames)
@@ -194,7 +194,7 @@ def test_the_video_length_follows_the_text(tmp_path, monkeypatch):
 
     seen = []
 
-    def fake_run_job(pipe, spec, should_stop=None):
+    def fake_run_job(pipe, spec, should_stop=None, **options):
         seen.append((spec, job_module.preflight(spec)))
         return iter(())
 
@@ -246,7 +246,7 @@ def test_original_tts_flags_map_onto_text(tmp_path, capsys, monkeypatch):
 
     seen = {}
 
-    def fake_run_job(pipe, spec, should_stop=None):
+    def fake_run_job(pipe, spec, should_stop=None, **options):
         seen.update(text=spec.text, audio=spec.audio, exists=Path(spec.audio).is_file())
         return iter(())
 
@@ -313,11 +313,11 @@ def test_generate_text_with_piper(tmp_path, capsys):
     assert main(["generate", "--image", str(FACE), "--text", text, "--tts", "piper", "--voice", str(voice),
                  "--save_file", str(out), *CPU]) == 0
     speech = to_speech_rate(tts.synthesize(text, "piper", str(voice)))
-    frames, _, audio, rate = read_video(out)
-    assert len(frames) == clips_covered(len(speech)) * 48 - DROPPED_FIRST_FRAMES
-    shown = speech[DROPPED_FIRST_FRAMES * 640:]
-    assert abs(len(audio) - min(len(shown), len(frames) * 640)) < 0.1 * rate
-    assert _audio_correlation(audio, shown) > 0.9
+    frames, *_ = read_video(out)
+    assert len(frames) == -(-len(speech) // 640)  # the video ends with the speech
+    sound = load_audio(out)  # the whole speech, from its first sample
+    assert abs(len(sound) - len(speech)) < 0.05 * 16000
+    assert _audio_correlation(sound, speech) > 0.9
 
 
 class FakeHub:

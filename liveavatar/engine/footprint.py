@@ -17,7 +17,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from liveavatar.errors import LiveAvatarError
 from liveavatar.models.dit import S2VConfig

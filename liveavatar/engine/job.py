@@ -1,7 +1,21 @@
 """A generation job: inputs -> streamed MP4 (+ latents, run log, JSON summary), resumable after a kill.
 
 The command line, the web UI and the server all run jobs through `run_job`, which yields progress after
-every block. Files written next to the output `out.mp4`:
+every block.
+
+Timing. The stream drops the first 3 frames it decodes (they follow the static warm-up; the original does
+the same), so its output frame j shows the speech the model heard at (j + 3) / 25 s. A job puts 120 ms of
+silence (`LEAD_IN_FRAMES` frames) in front of the speech the model hears, so the dropped frames fall on that
+silence and output frame j shows the speech at j / 25 s: the video starts with the speech's first sample and
+the whole speech is muxed. `JobSpec(lead_in=False)` (`generate --original_timing`) is the original's exact
+path, which the golden parity tests check: the model hears the speech from its first sample, and the video
+and its sound start 120 ms into it. Either way the video ends with the speech, on the first frame that
+shows its last sample (at most 40 ms after it), unless `num_clip` asks for whole clips.
+
+Sound. The model hears 16 kHz mono; the video's sound track is the user's file itself, the same stretch at
+its own rate and channels (AAC, 192 kb/s; `liveavatar.media.audio.SpeechTrack`), aligned as above.
+
+Files written next to the output `out.mp4`:
 
     out.mp4.partial        the fragmented MP4 while generating (playable; moved to out.mp4 at the end)
     out.mp4.resume/        resume states (stream caches + counters) after each completed clip
@@ -14,9 +28,11 @@ every block. Files written next to the output `out.mp4`:
 from __future__ import annotations
 
 import errno
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import resource
@@ -40,7 +56,8 @@ from liveavatar.engine.stream import DROPPED_FIRST_FRAMES, FRAMES_PER_LATENT, Bl
 from liveavatar.errors import DiskFull, InputError, JobStopped, OutOfMemory
 from liveavatar.media import audio as audio_io
 from liveavatar.media import image as image_io
-from liveavatar.media.video import PARTIAL_SUFFIX, FragmentedMP4Writer
+from liveavatar.media.audio import SpeechTrack
+from liveavatar.media.video import PARTIAL_SUFFIX, RESUME_SOURCE_SUFFIX, FragmentedMP4Writer
 from liveavatar.models.text_encoder import clean_prompt
 
 log = logging.getLogger(__name__)
@@ -56,6 +73,11 @@ MIN_SPEECH_SAMPLES = 720
 # summary and a resume state. A disk that fills up anyway is reported when a write fails (DiskFull).
 VIDEO_BITS_PER_PIXEL = 0.5
 MIN_FREE_BYTES = 100 * 2**20
+# Silence in front of the speech the model hears: the frames the stream drops (see the module notes).
+LEAD_IN_FRAMES = DROPPED_FIRST_FRAMES
+# The layout of the resume states: 2 since the lead-in and the file's own sound track (states without it were
+# saved by a version whose videos started 120 ms into the speech with 16 kHz mono sound; they are refused).
+STATE_LAYOUT = 2
 
 
 @dataclass
@@ -76,6 +98,10 @@ class JobSpec:
     rolling_sink: bool = True  # see StreamSettings.rolling_sink
     fps: int = 25
     max_audio_s: float | None = None  # longer speech is refused (the services' limit; the command line has none)
+    # 120 ms of silence before the speech the model hears, so the video has the whole speech (module notes).
+    # False: the original's exact timing (what the golden data checks); the video starts 120 ms into the speech.
+    lead_in: bool = True
+    overwrite: bool = False  # an interrupted run's partial video and resume states are deleted, not refused
     # A text job: `text` is spoken by the `tts` engine with `voice` into the file `audio` (see synthesize_text),
     # which then goes the way of any speech file.
     text: str | None = None
@@ -94,11 +120,50 @@ class JobSpec:
             for path in self.speakers.audio + (self.speakers.masks or ()):
                 h.update(Path(path).read_bytes())
         for value in (self.prompt, self.size, self.num_clip, self.infer_frames, self.sample_steps, self.seed,
-                      self.trim_silence, self.normalize_loudness, self.rolling_sink):
+                      self.trim_silence, self.normalize_loudness, self.rolling_sink, self.lead_in):
             h.update(repr(value).encode())
         if self.text is not None:  # (audio jobs keep the fingerprints they had before text jobs existed)
             h.update(repr((self.text, self.tts, self.voice)).encode())
         return h.hexdigest()
+
+    @property
+    def lead_in_samples(self) -> int:
+        """16 kHz samples of silence in front of the speech the model hears."""
+        return LEAD_IN_FRAMES * SAMPLE_RATE // self.fps if self.lead_in else 0
+
+
+@dataclass
+class Speech:
+    """A job's speech: what the model hears, and the video's sound track."""
+
+    wave: np.ndarray  # the speech at 16 kHz mono (trimmed and normalised if asked), without the lead-in
+    # The sound track from output frame 0 on: the same speech in the user's file (its own rate and channels), or
+    # with several people the mean of their tracks (16 kHz mono samples).
+    track: SpeechTrack | np.ndarray
+    lead_in_samples: int = 0
+    people: list[np.ndarray] | None = None  # several people: each one's speech, in the order of the people
+
+    @property
+    def heard(self) -> np.ndarray | list[np.ndarray]:
+        """What the model hears: the lead-in silence, then the speech (several people: one such wave each)."""
+        if self.people is not None:
+            return [self._lead(w) for w in self.people]
+        return self._lead(self.wave)
+
+    def _lead(self, wave: np.ndarray) -> np.ndarray:
+        if not self.lead_in_samples:
+            return wave
+        return np.concatenate([np.zeros(self.lead_in_samples, np.float32), wave])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much a job generates: clips and blocks of the stream, and the frames of the video."""
+
+    clips_covered: int  # clips the speech the model hears reaches into (the original's count)
+    clips: int
+    blocks: int
+    frames: int
 
 
 @dataclass
@@ -109,6 +174,7 @@ class Progress:
     frames_done: int
     frames_total: int
     elapsed_s: float
+    notices: tuple[str, ...] = ()  # what the preflight warned about (a small image, --num_clip beyond the speech)
 
 
 @dataclass
@@ -118,13 +184,14 @@ class JobResult:
     clips: int
     height: int
     width: int
-    seconds: float
+    seconds: float  # wall time of the whole job
     first_frame_s: float
-    fps: float
+    generation_fps: float  # video frames generated per second of wall time (the video itself plays at spec.fps)
     resumed_from_block: int = 0
     stage_ms: dict[str, float] = field(default_factory=dict)
     peak_gpu_memory_gb: float | None = None
     peak_host_memory_gb: float = 0.0
+    notices: list[str] = field(default_factory=list)  # what the preflight warned about (a small image, ...)
 
 
 def speech_file_for(output: Path) -> Path:
@@ -153,26 +220,80 @@ def synthesize_text(spec: JobSpec, reuse: bool = False) -> None:
 
 
 def load_speech(spec: JobSpec) -> np.ndarray:
-    """The speech of the video: the job's track, or with several people the mean of their tracks, cut to the
-    shortest (as the original muxes them; the video covers the shortest track)."""
+    """The job's speech at 16 kHz mono, trimmed and normalised if asked (without the lead-in); with several
+    people, the mean of their tracks cut to the shortest."""
+    return read_speech(spec, with_track=False).wave
+
+
+def read_speech(spec: JobSpec, with_track: bool = True) -> Speech:
+    """The job's speech: the 16 kHz mono wave the model hears (after the lead-in) and the stretch of the user's
+    file that is the video's sound track (the same samples in time: trimmed and normalised alike). Several
+    people: each person's speech, and as the sound track the mean of the tracks cut to the shortest (16 kHz
+    mono, as the original muxes them)."""
     if spec.speakers is not None:
-        return mix_tracks(load_tracks(spec))
+        people = [read_speech(replace(spec, audio=path, speakers=None), with_track=False).wave
+                  for path in spec.speakers.audio]
+        mixed = mix_tracks(people)
+        skipped = 0 if spec.lead_in else DROPPED_FIRST_FRAMES * SAMPLE_RATE // spec.fps
+        return Speech(mixed, mixed[skipped:], spec.lead_in_samples, people)
     wave = audio_io.load_audio(spec.audio, SAMPLE_RATE, max_seconds=spec.max_audio_s)
+    start, stop = 0, len(wave)
     if spec.trim_silence:
-        wave = audio_io.trim_silence(wave, SAMPLE_RATE)
+        start, stop = audio_io.silence_bounds(wave, SAMPLE_RATE)
+        wave = wave[start:stop]
+    gain = None
     if spec.normalize_loudness:
-        wave = audio_io.normalize_loudness(wave, SAMPLE_RATE)
+        gain = audio_io.loudness_gain(wave, SAMPLE_RATE)
+        if gain is not None:
+            wave = (wave * np.float32(gain)).astype(np.float32)
     if len(wave) < MIN_SPEECH_SAMPLES:
         raise InputError(f"{spec.audio}: the audio is {len(wave) / SAMPLE_RATE * 1000:.0f} ms long; at least "
                          f"{MIN_SPEECH_SAMPLES / SAMPLE_RATE * 1000:.0f} ms are needed")
+    # Output frame 0 shows the speech at 0 s with the lead-in, at 0.12 s without it (the original's timing).
+    skipped = 0.0 if spec.lead_in else DROPPED_FIRST_FRAMES / spec.fps
+    track = SpeechTrack(Path(spec.audio), start_s=start / SAMPLE_RATE + skipped,
+                        duration_s=max(0.0, len(wave) / SAMPLE_RATE - skipped))
+    if gain is not None and with_track:
+        # The gain was limited by the 16 kHz mono peak; the file's own channels and rate may peak higher.
+        with track.open() as reader:
+            peak = reader.peak()
+        track = dataclasses.replace(track, gain=min(gain, 1.0 / peak) if peak * gain > 1.0 else gain)
+    return Speech(wave, track, spec.lead_in_samples)
+
+
+def plan(spec: JobSpec, speech_samples: int) -> Plan:
+    """The clips, blocks and frames of a job whose speech (without the lead-in) has `speech_samples` samples.
+
+    By default the video ends with the speech: on the first frame that shows its last sample (at most one frame,
+    40 ms, after it), and only the blocks up to that frame are generated. An explicit `num_clip` gets that many
+    whole clips (capped at the clips the speech covers, as in the original)."""
+    heard = speech_samples + spec.lead_in_samples
+    block_frames = FRAMES_PER_LATENT * StreamSettings.latent_frames_per_block
+    blocks_per_clip = spec.infer_frames // block_frames
+    covered = clips_covered(heard, spec.fps, spec.infer_frames)
+    if spec.num_clip is not None:
+        clips = min(spec.num_clip, covered)
+        return Plan(covered, clips, clips * blocks_per_clip, clips * spec.infer_frames - DROPPED_FIRST_FRAMES)
+    # Output frame j shows the heard audio at (j + 3) / fps: the last frame is the one that reaches its end.
+    frames = max(1, -(-heard * spec.fps // SAMPLE_RATE) - DROPPED_FIRST_FRAMES)
+    frames = min(frames, covered * spec.infer_frames - DROPPED_FIRST_FRAMES)
+    blocks = 1 + math.ceil(max(0, frames - (block_frames - DROPPED_FIRST_FRAMES)) / block_frames)
+    return Plan(covered, math.ceil(blocks / blocks_per_clip), blocks, frames)
+
+
+def preflight(spec: JobSpec, notices: list[str] | None = None) -> np.ndarray:
+    """Checks everything that can be checked before any model work and returns the speech (16 kHz mono, without
+    the lead-in): options, the prompt, both inputs decoded, the output folder (created, writable) and the free
+    disk space. What deserves a word but is no error (a small image, --num_clip beyond the speech) is appended
+    to `notices` if given, else logged as warnings."""
+    found: list[str] = []
+    wave = _preflight(spec, found)[0].wave
+    if notices is not None:
+        notices.extend(found)
+    else:
+        for notice in found:
+            log.warning("%s", notice)
     return wave
-
-
-def load_tracks(spec: JobSpec) -> list[np.ndarray]:
-    """Every person's speech, in the order of the people (one speaker: the job's speech alone)."""
-    if spec.speakers is None:
-        return [load_speech(spec)]
-    return [load_speech(replace(spec, audio=path, speakers=None)) for path in spec.speakers.audio]
 
 
 @dataclass
@@ -217,9 +338,7 @@ def check_speakers(spec: JobSpec, height: int, width: int) -> PeopleMasks | None
     return PeopleMasks(masks, found)
 
 
-def preflight(spec: JobSpec) -> np.ndarray:
-    """Checks everything that can be checked before any model work and returns the speech (16 kHz mono):
-    options, the prompt, both inputs decoded, the output folder (created, writable) and the free disk space."""
+def _preflight(spec: JobSpec, notices: list[str], with_track: bool = False) -> tuple[Speech, Plan, PeopleMasks | None]:
     area = image_io.parse_size(spec.size)
     block_frames = FRAMES_PER_LATENT * StreamSettings.latent_frames_per_block
     if spec.infer_frames < block_frames or spec.infer_frames % block_frames:
@@ -232,6 +351,11 @@ def preflight(spec: JobSpec) -> np.ndarray:
         raise InputError(f"--base_seed {spec.seed}: must be between 0 and {MAX_SEED} (the original scripts took a "
                          f"negative seed to mean a random one; pass the number to use)")
     _check_prompt(spec.prompt)
+    if spec.resume and spec.overwrite:
+        raise InputError("--resume and --overwrite: choose one (continue the interrupted run, or start it over)")
+    if Path(spec.output).is_dir():
+        raise InputError(f"{spec.output}: is a folder; expected a file name to write, such as "
+                         f"{Path(spec.output) / 'out.mp4'}")
     if spec.output.suffix.lower() != ".mp4":
         raise InputError(f"{spec.output}: the output must be an .mp4 file")
     for path, what in ((spec.image, "reference image"), (spec.audio, "audio" if spec.text is None else "synthesised speech")):
@@ -243,24 +367,31 @@ def preflight(spec: JobSpec) -> np.ndarray:
                 raise InputError(f"{path}: audio not found")
     img = image_io.load_image(spec.image)
     height, width = image_io.output_size(img.height, img.width, area)
-    check_speakers(spec, height, width)
-    wave = load_speech(spec)
-    clips = clips_covered(len(wave), spec.fps, spec.infer_frames)
-    frames = min(clips, spec.num_clip or clips) * spec.infer_frames - DROPPED_FIRST_FRAMES
+    people = check_speakers(spec, height, width)
+    small = image_io.small_image_notice(img.width, img.height, width, height, area, spec.size)
+    if small is not None:
+        notices.append(small)
+    speech = read_speech(spec, with_track=with_track)
+    job_plan = plan(spec, len(speech.wave))
     for path in (spec.output, spec.save_latents):
         if path is not None:
             _check_output_path(Path(path))
     partial = Path(str(spec.output) + PARTIAL_SUFFIX)
-    if partial.exists() and not spec.resume:
-        raise InputError(f"{partial} exists from an interrupted run: pass --resume to continue it, or delete it")
+    if partial.exists() and not spec.resume and not spec.overwrite:
+        raise InputError(f"{partial} exists from an interrupted run: pass --resume to continue it, or --overwrite to "
+                         f"start over")
     out_dir = Path(spec.output).resolve().parent
+    frames = job_plan.frames
     needed = int(frames * width * height * VIDEO_BITS_PER_PIXEL / 8) + MIN_FREE_BYTES
     free = shutil.disk_usage(out_dir).free
     if free < needed:
         raise InputError(f"{out_dir}: not enough free disk space: {free / 2**20:.0f} MB free, about "
                          f"{needed / 2**20:.0f} MB needed ({frames} frames of {width}x{height}, the run log and "
                          f"a resume state)")
-    return wave
+    if spec.num_clip is not None and spec.num_clip > job_plan.clips_covered:
+        notices.append(f"--num_clip {spec.num_clip}: the speech covers only {job_plan.clips_covered} clip(s) of "
+                       f"{spec.infer_frames} frames; generating {job_plan.clips} (a longer speech makes more)")
+    return speech, job_plan, people
 
 
 def _check_prompt(prompt: str) -> None:
@@ -296,9 +427,11 @@ def _check_output_path(path: Path) -> None:
 class ResumeStore:
     """Resume states in <output>.resume/, written atomically; the newest two are kept."""
 
-    def __init__(self, output: Path, fingerprint: str):
+    def __init__(self, output: Path, fingerprint: str, lead_in: bool = True):
         self.dir = Path(str(output) + STATE_DIR_SUFFIX)
+        self.partial = Path(str(output) + PARTIAL_SUFFIX)
         self.fingerprint = fingerprint
+        self.lead_in = lead_in
 
     def save(self, state: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -307,7 +440,8 @@ class ResumeStore:
         try:
             # Through a Python file: a full disk then raises OSError (ENOSPC), not an opaque RuntimeError.
             with tmp.open("wb") as f:
-                torch.save({**state, "fingerprint": self.fingerprint}, f)
+                torch.save({**state, "fingerprint": self.fingerprint, "layout": STATE_LAYOUT,
+                            "lead_in": self.lead_in}, f)
         except BaseException as e:
             tmp.unlink(missing_ok=True)
             if isinstance(e, OSError) and e.filename is None:
@@ -319,10 +453,14 @@ class ResumeStore:
 
     def latest_usable(self, complete_frames: set[int]) -> dict | None:
         """The newest state whose frames all reached the partial MP4."""
+        start_over = f"delete {self.dir} and {self.partial}, or rerun with --overwrite, to start over"
         for path in sorted(self.dir.glob("state-*.pt"), reverse=True):
             state = torch.load(path, map_location="cpu", weights_only=False)
-            if state.get("fingerprint") != self.fingerprint:
-                raise InputError(f"{path}: belongs to a run with other inputs or settings; delete {self.dir} to start over")
+            if state.get("layout") != STATE_LAYOUT:
+                raise InputError(f"{path}: saved by an earlier liveavatar, whose video started 120 ms into the speech "
+                                 f"with 16 kHz mono sound; this version cannot continue it: {start_over}")
+            if state.get("fingerprint") != self.fingerprint or state.get("lead_in") != self.lead_in:
+                raise InputError(f"{path}: belongs to a run with other inputs or settings; {start_over}")
             if state["stream"]["frames_emitted"] in complete_frames:
                 return state
         return None
@@ -392,66 +530,78 @@ class OutputThread:
 
 
 def run_job(
-    pipe: LiveAvatarPipeline, spec: JobSpec, should_stop: Callable[[], bool] | None = None
+    pipe: LiveAvatarPipeline, spec: JobSpec, should_stop: Callable[[], bool] | None = None,
+    log_notices: bool = True,
 ) -> Iterator[Progress | JobResult]:
     """Runs a job, yielding a Progress after every block and the JobResult last.
 
     `should_stop` is polled after every block: when it returns True the job saves a resume state at that
     block, finalises the partial MP4 (playable, with everything generated so far) and raises JobStopped.
+    The preflight's notices are logged as warnings unless `log_notices` is False (the command line shows them
+    before it loads the model); the JobResult carries them either way.
     """
     t_start = time.perf_counter()
-    wave = preflight(spec)
+    notices: list[str] = []
+    speech, job_plan, people = _preflight(spec, notices, with_track=True)
+    for notice in notices if log_notices else ():
+        log.warning("%s", notice)
     _note_prompt_truncation(pipe, spec.prompt)
     settings = StreamSettings(frames_per_clip=spec.infer_frames, sample_steps=spec.sample_steps, seed=spec.seed,
                               fps=spec.fps, rolling_sink=spec.rolling_sink)
-    speech, masks = wave, None
-    if spec.speakers is not None:
-        speech, masks = _people(spec)
-    cond = pipe.prepare(spec.image, speech, spec.prompt, spec.size, fps=spec.fps, frames_per_clip=spec.infer_frames,
-                        masks=masks)
+    masks = None if people is None else people.masks
+    if people is not None:
+        _log_people(spec, speech, people)
+    cond = pipe.prepare(spec.image, speech.heard, spec.prompt, spec.size, fps=spec.fps,
+                        frames_per_clip=spec.infer_frames, masks=masks)
     cuda = pipe.device.type == "cuda"
     prepare_peak = torch.cuda.max_memory_allocated() if cuda else 0  # a stream may reset the peak (offload mode)
-    num_clips = cond.num_clips if spec.num_clip is None else min(spec.num_clip, cond.num_clips)
+    num_clips = min(job_plan.clips, cond.num_clips)
+    blocks_total = min(job_plan.blocks, num_clips * settings.blocks_per_clip)
+    frames_total = min(job_plan.frames, blocks_total * settings.video_frames_per_block - DROPPED_FIRST_FRAMES)
     log.info("output %dx%d, %d clip(s) of %d frames (the audio covers %d), decoder %s", cond.width, cond.height,
              num_clips, spec.infer_frames, cond.num_clips, pipe.decoder_name)
+    log.info("video: %d frames (%.2f s) of %d block(s); speech %.2f s, %s", frames_total, frames_total / spec.fps,
+             blocks_total, len(speech.wave) / SAMPLE_RATE,
+             "with 120 ms of silence in front for the model" if spec.lead_in else "the original's timing")
     stream = pipe.stream(cond, settings)
     if spec.resume and not stream.resumable:
         raise InputError("--resume: this pipeline's caches live in several processes and are not saved; "
                          "a run on one GPU can be resumed")
-    blocks_total = num_clips * settings.blocks_per_clip
-    frames_total = blocks_total * settings.video_frames_per_block - DROPPED_FIRST_FRAMES
 
-    # Output frame j shows input time (j + 3) / fps: the muxed speech starts 3 frames in.
-    speech = wave[DROPPED_FIRST_FRAMES * SAMPLE_RATE // spec.fps :]
-    store = ResumeStore(spec.output, spec.fingerprint())
+    store = ResumeStore(spec.output, spec.fingerprint(), spec.lead_in)
     latents: list[torch.Tensor] = []
     partial = Path(str(spec.output) + PARTIAL_SUFFIX)
     resumed_from = 0
     state = None
-    if spec.resume and (partial.exists() or Path(str(partial) + ".resume-source").exists()):
-        points = set(FragmentedMP4Writer.resume_points(partial if partial.exists() else Path(str(partial) + ".resume-source")))
+    if spec.resume and (partial.exists() or Path(str(partial) + RESUME_SOURCE_SUFFIX).exists()):
+        points = set(FragmentedMP4Writer.resume_points(partial if partial.exists() else Path(str(partial) + RESUME_SOURCE_SUFFIX)))
         state = store.latest_usable(points) if store.dir.exists() else None
     if state is not None:
         stream.load_state_dict(state["stream"])
         latents = [state["latents"]] if state.get("latents") is not None else []
         resumed_from = stream.next_block
         writer = FragmentedMP4Writer.resume(partial, state["stream"]["frames_emitted"], cond.width, cond.height,
-                                            spec.fps, speech, SAMPLE_RATE)
+                                            spec.fps, speech.track, SAMPLE_RATE)
         log.info("resuming at block %d (frame %d)", resumed_from, stream.frames_emitted)
     else:
         if spec.resume:
             log.info("no usable resume state for %s; starting from the beginning", spec.output)
         partial.unlink(missing_ok=True)
+        Path(str(partial) + RESUME_SOURCE_SUFFIX).unlink(missing_ok=True)
         store.clear()
-        writer = FragmentedMP4Writer(spec.output, cond.width, cond.height, spec.fps, speech, SAMPLE_RATE)
+        writer = FragmentedMP4Writer(spec.output, cond.width, cond.height, spec.fps, speech.track, SAMPLE_RATE)
 
     stage_ms: dict[str, float] = {}
     first_frame_s = None
+    written = stream.frames_emitted  # frames in the file: the last block is cut where the video ends
     output = OutputThread(writer)
     t_loop = time.perf_counter()
     try:
-        for block in stream.blocks(num_clips):
+        for block in stream.blocks(num_clips, blocks_total):
+            if written + len(block.frames) > frames_total:
+                block = dataclasses.replace(block, frames=block.frames[: frames_total - written])
             output.write(block.frames.numpy())
+            written += len(block.frames)
             for k, v in block.timings_ms.items():
                 stage_ms[k] = stage_ms.get(k, 0.0) + v
             if first_frame_s is None:
@@ -463,8 +613,8 @@ def run_job(
                 latents = [kept] if kept is not None else []
                 output.save_state(store, {"stream": stream.state_dict(), "latents": kept})
             log.debug("block %d: %s", block.index, {k: round(v, 1) for k, v in block.timings_ms.items()})
-            yield Progress(block, block.index + 1, blocks_total, stream.frames_emitted, frames_total,
-                           time.perf_counter() - t_start)
+            yield Progress(block, block.index + 1, blocks_total, written, frames_total, time.perf_counter() - t_start,
+                           tuple(notices))
             if should_stop is not None and should_stop() and block.index + 1 < blocks_total:
                 if stream.resumable:
                     kept = torch.cat(latents, dim=1) if latents else None
@@ -472,7 +622,7 @@ def run_job(
                 output.drain()
                 writer.abort()  # closes the container: the last block's fragment reaches the disk
                 raise JobStopped(
-                    f"stopped after {stream.frames_emitted} of {frames_total} frames: {partial} plays what was "
+                    f"stopped after {written} of {frames_total} frames: {partial} plays what was "
                     f"generated" + ("; rerun the same command with --resume to continue" if stream.resumable else "")
                 )
         output.drain()
@@ -505,20 +655,24 @@ def run_job(
         stage_ms["mux"] = sum(output.mux_ms)
     store.clear()
     seconds = time.perf_counter() - t_start
-    generated = stream.frames_emitted
     loop_s = time.perf_counter() - t_loop
     blocks_run = blocks_total - resumed_from
+    made = stream.frames_emitted if not resumed_from else blocks_run * settings.video_frames_per_block
     result = JobResult(
-        output=result_path, frames=generated, clips=num_clips, height=cond.height, width=cond.width, seconds=seconds,
-        first_frame_s=first_frame_s or 0.0, fps=(generated if not resumed_from else blocks_run * settings.video_frames_per_block) / loop_s,
+        output=result_path, frames=written, clips=num_clips, height=cond.height, width=cond.width, seconds=seconds,
+        first_frame_s=first_frame_s or 0.0, generation_fps=made / loop_s,
         resumed_from_block=resumed_from, stage_ms={k: v / max(1, blocks_run) for k, v in stage_ms.items()},
         peak_gpu_memory_gb=max(prepare_peak, torch.cuda.max_memory_allocated()) / 2**30 if cuda else None,
         peak_host_memory_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # ru_maxrss is in KiB
+        notices=notices,
     )
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary["spec"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()}
     summary["device"] = str(pipe.device)
     summary["decoder"] = pipe.decoder_name
+    summary["audio"] = {"sample_rate": writer.sample_rate, "channels": writer.audio_channels,
+                        "speech_s": round(len(speech.wave) / SAMPLE_RATE, 4),
+                        "video_s": round(written / spec.fps, 4)}
     try:
         _write_json(spec.output.with_suffix(".json"), summary)
     except OSError as e:  # the video is complete and in place; only its summary is missing
@@ -526,19 +680,14 @@ def run_job(
     yield result
 
 
-def _people(spec: JobSpec) -> tuple[list[np.ndarray], np.ndarray]:
-    """Multi-person mode: (every person's speech, their masks), with the people named in the log."""
-    img = image_io.load_image(spec.image)
-    height, width = image_io.output_size(img.height, img.width, image_io.parse_size(spec.size))
-    people = check_speakers(spec, height, width)
-    tracks = load_tracks(spec)
-    for a, (path, track) in enumerate(zip(spec.speakers.audio, tracks)):
+def _log_people(spec: JobSpec, speech: Speech, people: PeopleMasks) -> None:
+    """Multi-person mode: names each person's region and speech in the log."""
+    for a, (path, wave) in enumerate(zip(spec.speakers.audio, speech.people)):
         where = f"face {people.faces[a]}" if people.faces is not None else f"mask {spec.speakers.masks[a]}"
-        log.info("person %d (%s): speech %s, %.2f s", a + 1, where, path, len(track) / SAMPLE_RATE)
+        log.info("person %d (%s): speech %s, %.2f s", a + 1, where, path, len(wave) / SAMPLE_RATE)
     how = "found by their faces, numbered left to right" if people.faces is not None else "given"
     log.info("%d people (%s); the video covers the shortest track (%.2f s) and its sound is the mean of the tracks",
-             len(tracks), how, min(len(t) for t in tracks) / SAMPLE_RATE)
-    return tracks, people.masks
+             len(speech.people), how, len(speech.wave) / SAMPLE_RATE)
 
 
 def _note_prompt_truncation(pipe: LiveAvatarPipeline, prompt: str) -> None:

@@ -48,7 +48,9 @@ class Conditioning:
     text_context: torch.Tensor  # [L, 4096]
     audio: object  # an AudioSource (per-block features)
     num_clips: int  # clips the audio covers
-    wave: np.ndarray  # 16 kHz mono speech, for muxing
+    # The 16 kHz mono speech the model hears (a job's has its lead-in silence in front; several people: the mean
+    # of their tracks, cut to the shortest).
+    wave: np.ndarray
     routing: RoutingMasks | None = None  # several people (multi-person mode): whose audio drives which tokens
 
     def actor_weights(self, frames: int) -> torch.Tensor | None:

@@ -109,6 +109,12 @@ class Block:
         return start, start + len(self.frames) / 25
 
 
+def total_blocks(settings: StreamSettings, num_clips: int, num_blocks: int | None = None) -> int:
+    """The blocks a stream of num_clips clips runs, cut at num_blocks if given."""
+    total = num_clips * settings.blocks_per_clip
+    return total if num_blocks is None else min(total, num_blocks)
+
+
 VideoDecoder = WanVAE | TinyDecoder  # what a stream decodes with (each has streaming_decoder())
 
 
@@ -225,6 +231,9 @@ class AvatarStream:
                 self.decoder = start_decoder(vae, self.motion_latents, cuda_graphs=cuda_graphs)
         self.next_block = 0  # the next block `blocks()` yields
         self.frames_emitted = 0
+        # Whether blocks() may denoise block k+1 before it hands out block k (see blocks()). A live session turns
+        # it off on the CPU, where it would delay every block, and before it restarts at a clip boundary.
+        self.lookahead = True
         self._noise: tuple[int, torch.Tensor] | None = None
         self._denoised = 0  # blocks this object has denoised
 
@@ -280,12 +289,15 @@ class AvatarStream:
 
     # ------------------------------------------------------------------ the loop
     @torch.no_grad()
-    def blocks(self, num_clips: int) -> Iterator[Block]:
-        """Yields blocks next_block.. up to num_clips clips. The steps of block k+1 are enqueued right after the
-        decode of block k, before the host waits for its frames (except after block 0, whose frames come first
-        as fast as possible): nothing waits for the GPU except the hand-over of finished frames, and the
-        GPU has the next block's work while the caller muxes."""
-        total = num_clips * self.settings.blocks_per_clip
+    def blocks(self, num_clips: int, num_blocks: int | None = None) -> Iterator[Block]:
+        """Yields blocks next_block.. up to num_clips clips, or up to block num_blocks - 1 if that comes first (a
+        video that ends with its speech needs no whole last clip). The steps of block k+1 are enqueued right
+        after the decode of block k, before the host waits for its frames (except after block 0, whose frames
+        come first as fast as possible): nothing waits for the GPU except the hand-over of finished frames, and
+        the GPU has the next block's work while the caller muxes. Block k+1 is only taken ahead if `lookahead`
+        is on and its audio is ready now (an audio source with `ready(k)`, the live one, may not have the speech
+        yet: waiting for it would hold back block k)."""
+        total = total_blocks(self.settings, num_clips, num_blocks)
         while self.next_block < total:
             k = self.next_block
             if self._ahead is None:
@@ -294,13 +306,22 @@ class AvatarStream:
             _, x, clock = self._ahead
             decoding = self._start_decode(k, x, clock)
             self._ahead = None
-            if 0 < k < total - 1:
+            if 0 < k < total - 1 and self.lookahead and self._audio_ready(k + 1):
                 ahead_clock = _StageClock(self.dit.device)
                 self._ahead = (k + 1, self._denoise(k + 1, ahead_clock), ahead_clock)
             block = self._finish_decode(decoding)
             self.next_block += 1
             self.frames_emitted += len(block.frames)
             yield block
+
+    @property
+    def has_ahead(self) -> bool:
+        """Whether a block past the last one handed out is denoised already (its audio was taken)."""
+        return self._ahead is not None
+
+    def _audio_ready(self, k: int) -> bool:
+        ready = getattr(self.audio, "ready", None)
+        return True if ready is None else ready(k)
 
     def _denoise(self, k: int, clock: "_StageClock") -> torch.Tensor:
         """Enqueues all denoising steps of block k (and the sink replacement due before it); returns its latents."""

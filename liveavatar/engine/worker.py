@@ -27,6 +27,7 @@ import torch
 from liveavatar.engine.job import JobResult, JobSpec, Progress, run_job
 from liveavatar.engine.live import LiveSession
 from liveavatar.engine.pipeline import LiveAvatarPipeline
+from liveavatar.engine.realtime import BlockMeter
 from liveavatar.errors import JobStopped, LiveAvatarError
 from liveavatar.media.video import PARTIAL_SUFFIX
 
@@ -56,6 +57,9 @@ class Task:
         """The files of `folder` to keep once the task has ended."""
         return set()
 
+    def attach_realtime(self, realtime) -> None:
+        """Given the worker's liveavatar.engine.realtime.Realtime (if any) when submitted: where speeds go."""
+
     def run(self, pipe: LiveAvatarPipeline) -> bool:
         """Runs the task; False if it stopped early because it was cancelled."""
         raise NotImplementedError
@@ -70,6 +74,10 @@ class JobTask(Task):
     result: JobResult | None = None
     first_block_s: float | None = None  # from start to the first block written
     _subscribers: list[queue.Queue] = field(default_factory=list)
+    _realtime: object | None = None  # records the job's steady speed (liveavatar.engine.realtime)
+
+    def attach_realtime(self, realtime) -> None:
+        self._realtime = realtime
 
     def subscribe(self) -> queue.Queue:
         """A queue that receives each Progress, then the JobResult, then None when the task has ended."""
@@ -84,10 +92,12 @@ class JobTask(Task):
             q.put(item)
 
     def run(self, pipe: LiveAvatarPipeline) -> bool:
+        meter = BlockMeter()
         try:
             # A cancelled job stops after its current block with a playable partial MP4 (and a resume state).
             for item in run_job(pipe, self.spec, should_stop=self.cancel_requested.is_set):
                 if isinstance(item, Progress):
+                    meter.block(item.block.index, len(item.block.frames))
                     self.progress = dataclasses.replace(item, block=None)
                     if self.first_block_s is None:
                         self.first_block_s = time.time() - self.started
@@ -96,6 +106,9 @@ class JobTask(Task):
                 self._send(item)
         except JobStopped:
             return False
+        finally:
+            if self._realtime is not None:
+                self._realtime.record(self.spec.size, self.spec.sample_steps, meter, "job")
         return True
 
     def kept_files(self) -> set[Path]:
@@ -111,12 +124,18 @@ class SessionTask(Task):
         self.session.run(pipe)
         return True  # closing is how every session ends
 
+    def attach_realtime(self, realtime) -> None:
+        if self.session.realtime is None:
+            self.session.realtime = realtime
+
 
 class EngineWorker:
     """Runs tasks on one thread with one pipeline; at most `max_queue` tasks wait at a time."""
 
-    def __init__(self, pipe: LiveAvatarPipeline, max_queue: int = 8, keep_finished: int = 100):
+    def __init__(self, pipe: LiveAvatarPipeline, max_queue: int = 8, keep_finished: int = 100, realtime=None):
+        """realtime: a liveavatar.engine.realtime.Realtime that the tasks' measured speeds go to."""
         self.pipe = pipe
+        self.realtime = realtime
         self.max_queue = max_queue
         self.tasks: dict[str, Task] = {}
         self._waiting: deque[Task] = deque()
@@ -133,6 +152,8 @@ class EngineWorker:
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({len(self._waiting)} requests waiting); try again later")
+            if self.realtime is not None:
+                task.attach_realtime(self.realtime)
             self.tasks[task.id] = task
             self._waiting.append(task)
             self._lock.notify_all()

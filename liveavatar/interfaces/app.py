@@ -19,13 +19,12 @@ from pathlib import Path
 import gradio as gr
 
 from liveavatar import tts
-from liveavatar.engine.job import SAMPLE_RATE, JobResult, JobSpec, Progress, load_speech, synthesize_text
+from liveavatar.engine.job import SAMPLE_RATE, JobResult, JobSpec, Progress, read_speech, synthesize_text
 from liveavatar.engine.multi_person import Speakers
-from liveavatar.engine.stream import DROPPED_FIRST_FRAMES
 from liveavatar.engine.worker import CANCELLED, DONE, FINISHED, EngineWorker, JobTask, QueueFull
 from liveavatar.errors import InputError
 from liveavatar.media import image as image_io
-from liveavatar.media.video import PARTIAL_SUFFIX, FragmentedMP4Writer
+from liveavatar.media.video import PARTIAL_SUFFIX, FragmentedMP4Writer, open_sound
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,21 +34,44 @@ EXAMPLES = [[str(REPO / "examples" / "face.png"), str(REPO / "examples" / "speec
 THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def write_chunk(path: Path, progress: Progress, speech, fps: int = 25) -> None:
-    """One block as a standalone MP4 with the speech its frames show (output frame j shows speech[j / fps])."""
+class ChunkSound:
+    """The job's sound track (its speech at the file's own rate and channels, or several people's mixed speech,
+    as in the job's MP4), read block by block in order: output frame j shows the track at j / fps."""
+
+    def __init__(self, spec: JobSpec):
+        self.reader = open_sound(read_speech(spec).track, SAMPLE_RATE)
+        self.fps = spec.fps
+        self.position = 0  # samples read so far
+
+    def for_frames(self, first_frame: int, count: int):
+        rate = self.reader.sample_rate
+        start, stop = first_frame * rate // self.fps, (first_frame + count) * rate // self.fps
+        if start > self.position:  # a block was skipped: its sound too
+            self.reader.read(start - self.position)
+            self.position = start
+        sound = self.reader.read(stop - self.position)
+        self.position += sound.shape[1]
+        return sound
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def write_chunk(path: Path, progress: Progress, sound: ChunkSound, fps: int = 25) -> None:
+    """One block as a standalone MP4 with the speech its frames show."""
     frames = progress.block.frames.numpy()
-    per_frame = SAMPLE_RATE // fps
-    start = progress.block.first_frame * per_frame
-    sound = speech[start : start + len(frames) * per_frame]
-    writer = FragmentedMP4Writer(path, frames.shape[2], frames.shape[1], fps, sound if len(sound) else None, SAMPLE_RATE)
+    samples = sound.for_frames(progress.block.first_frame, len(frames))
+    writer = FragmentedMP4Writer(path, frames.shape[2], frames.shape[1], fps, samples if samples.shape[1] else None,
+                                 sound.reader.sample_rate)
     writer.write(frames)
     writer.close()
 
 
 def _status(progress: Progress) -> str:
     fps = progress.frames_done / progress.elapsed_s if progress.elapsed_s else 0.0
+    notes = "".join(f"\n\nNote: {notice}" for notice in progress.notices)
     return (f"Generating: block {progress.blocks_done} of {progress.blocks_total}, frame {progress.frames_done} of "
-            f"{progress.frames_total}, {progress.elapsed_s:.1f} s ({fps:.1f} frames/s)")
+            f"{progress.frames_total}, {progress.elapsed_s:.1f} s ({fps:.1f} frames/s){notes}")
 
 
 def _voices(engine: str | None) -> list[str]:
@@ -60,7 +82,10 @@ def _voices(engine: str | None) -> list[str]:
         return []
 
 
-def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384", max_audio_s: float = 600) -> gr.Blocks:
+def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384", max_audio_s: float = 600,
+              realtime=None) -> gr.Blocks:
+    """realtime: a liveavatar.engine.realtime.Realtime: the page shows the measured speeds and, if it is the
+    default (`app --realtime`), each page opens with the real-time preset's size and step count."""
     work_dir = Path(work_dir).resolve()
     sizes = list(image_io.SIZE_PRESETS) + ([default_size] if default_size not in image_io.SIZE_PRESETS else [])
 
@@ -116,18 +141,18 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
         except QueueFull as e:
             raise gr.Error(str(e)) from None
         events = task.subscribe()
+        sound = None
         try:
             yield gr.skip(), "Preparing the image, the prompt and the speech…", None, task.id
-            speech = None
             result = None
             while (item := events.get()) is not None:
                 if isinstance(item, JobResult):
                     result = item
                     continue
-                if speech is None:  # the job's speech, from its first shown frame on
-                    speech = load_speech(spec)[DROPPED_FIRST_FRAMES * SAMPLE_RATE // spec.fps :]
+                if sound is None:  # the job's sound track, from its first shown frame on
+                    sound = ChunkSound(spec)
                 chunk = folder / f"block-{item.block.index:06d}.mp4"
-                write_chunk(chunk, item, speech, spec.fps)
+                write_chunk(chunk, item, sound, spec.fps)
                 # Gradio has turned a chunk into its stream segment before it asks for the next one, so only
                 # the newest chunks are kept: a long video does not leave thousands of them behind.
                 (folder / f"block-{item.block.index - 2:06d}.mp4").unlink(missing_ok=True)
@@ -145,6 +170,8 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                 yield gr.skip(), (f"Done: {result.frames} frames ({result.width}x{result.height}) in {result.seconds:.1f} s, "
                                   f"first block after {task.first_block_s:.1f} s."), str(result.output), None
         finally:
+            if sound is not None:
+                sound.close()
             if task.state not in FINISHED:  # the page went away or the event was cancelled
                 worker.cancel(task)
 
@@ -201,6 +228,7 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                 video = gr.Video(label="Video", streaming=True, autoplay=True, elem_id="video")
                 status = gr.Markdown(elem_id="status")
                 download = gr.File(label="MP4 to download", elem_id="download")
+                speeds = gr.Markdown(elem_id="speeds", visible=realtime is not None)
         if all(Path(path).exists() for path in EXAMPLES[0][:2]):  # a source checkout ships them
             gr.Examples(EXAMPLES, inputs=[image, audio, prompt])
         task_id = gr.State(None)
@@ -208,11 +236,24 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                                      text, tts_engine, voice, audio2, mask1, mask2],
                           [video, status, download, task_id], concurrency_limit=1, show_progress="minimal")
         stop.click(cancel, [task_id], None, cancels=[event])
+        if realtime is not None:
+            demo.load(lambda: _realtime_view(realtime), None, [speeds, size, sample_steps])
     return demo
 
 
+def _realtime_view(realtime) -> tuple:
+    """The measured speeds, and with `--realtime` the preset's size and steps for the form (as measured now: the
+    start-up calibration may still be running when a page opens)."""
+    from liveavatar.engine.realtime import describe_speeds
+
+    choice = realtime.choice()
+    if realtime.default and choice.size is not None:
+        return describe_speeds(realtime), gr.update(value=choice.size), gr.update(value=choice.steps)
+    return describe_speeds(realtime), gr.skip(), gr.skip()
+
+
 def main(args) -> int:
-    from liveavatar.interfaces.backend import Backend
+    from liveavatar.interfaces.backend import Backend, open_realtime
 
     # Gradio reads this when it would send usage statistics: none leave the machine (the Blocks' own
     # analytics_enabled=False also skips its version check).
@@ -222,8 +263,9 @@ def main(args) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     pipe = Backend.from_args(args).open()
     worker = EngineWorker(pipe, max_queue=args.max_queue)
+    realtime = open_realtime(args, pipe, worker)
     try:
-        build_app(worker, work_dir, args.size, args.max_audio_s).queue(max_size=args.max_queue).launch(
+        build_app(worker, work_dir, args.size, args.max_audio_s, realtime).queue(max_size=args.max_queue).launch(
             server_name=args.server_name, server_port=args.server_port, allowed_paths=[str(work_dir)], share=False,
             theme=THEME,
         )

@@ -101,9 +101,50 @@ def _decoder_choice(name: str, path: str | None, ckpt_dir) -> DecoderChoice:
     return DecoderChoice(name, require_weights(file, "TAEW2.1 decoder (taew2_1.pth or taew2_1.safetensors)"))
 
 
+NO_GPU = ("no CUDA GPU found (torch sees none): the 14B model needs an NVIDIA GPU with 24 GB or more, so nothing was "
+          "downloaded or loaded; on a GPU machine run bash scripts/setup.sh (it installs a CUDA build of torch), or pass "
+          "--device cpu to run on the CPU anyway (hours per second of video; the weights, about 50 GB, are downloaded "
+          "unless --ckpt_dir has them)")
+
+
+def open_realtime(args, pipe, worker):
+    """The service's real-time view (`--realtime`, `--calibrate`, `--speed_table`, the candidates) for an open
+    pipeline; queues the start-up calibration on the worker when asked. Returns the Realtime."""
+    import logging
+
+    from liveavatar.engine import realtime as rt
+    from liveavatar.engine.calibration import CalibrationTask
+
+    try:
+        sizes = [rt.normalize_size(s) for s in args.realtime_sizes.split(",") if s.strip()]
+        for size in sizes:
+            rt.size_area(size)
+        steps = [int(n) for n in args.realtime_steps.split(",") if n.strip()]
+    except ValueError:
+        raise LiveAvatarError(f"--realtime_sizes {args.realtime_sizes!r} / --realtime_steps {args.realtime_steps!r}: "
+                              "expected sizes like 704*384,384*256 and step counts like 4,3") from None
+    table = rt.SpeedTable(args.speed_table or rt.default_table_path(), rt.machine_name(pipe))
+    realtime = rt.Realtime(table, sizes, steps, default=args.realtime, fixed_steps=pipe.fixed_sample_steps)
+    worker.realtime = realtime
+    mode = args.calibrate or ("missing" if args.realtime else "never")
+    log = logging.getLogger("liveavatar")
+    log.info("speed table %s (machine %s)", table.path, table.machine)
+    if mode != "never":
+        worker.submit(CalibrationTask(realtime, redo=mode == "always"))
+    elif args.realtime:
+        choice = realtime.choice()
+        log.info("real-time preset: %s", f"{choice.size} at {choice.steps} steps ({choice.reason})" if choice.size
+                 else f"none ({choice.reason})")
+    return realtime
+
+
 def resolve_device(device: str | None, dtype: str | None, fp8: bool) -> tuple[str, torch.dtype]:
-    """(device, dtype): cuda when available, bfloat16 on a GPU and float32 on the CPU."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """(device, dtype): cuda unless a device is given, bfloat16 on a GPU and float32 on the CPU. Without --device
+    and without a GPU this refuses (NO_GPU), before anything is downloaded or loaded: the released model does not
+    run on a CPU in any useful time, and a CPU run has to be asked for."""
+    if device is None and not torch.cuda.is_available():
+        raise LiveAvatarError(NO_GPU)
+    device = device or "cuda"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LiveAvatarError(f"--device {device}: no CUDA GPU is available (use --device cpu)")
     dtype_name = dtype or ("bfloat16" if device.startswith("cuda") else "float32")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(o, "save_dir", type=Path, default=Path("outputs"), help="folder for the default output name (default: %(default)s)")
     _add(o, "save_latents", type=Path, help="also write every latent frame to this safetensors file (key 'latents', float32 [16, T, h, w]; held in RAM)")
     _add(o, "resume", action="store_true", help="continue an interrupted run of the same command from its last completed clip")
+    _add(o, "overwrite", action="store_true", help="start over: delete an interrupted run's partial video and resume "
+         "states instead of refusing to run")
 
     s = gen.add_argument_group("generation")
     _add(s, "size", default="704*384", help="pixel budget W*H; the aspect ratio comes from the image. Presets: 720*400, 704*384, 688*368, 384*256 (default: %(default)s)")
@@ -87,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="identity anchor: 'rolling' (default, the real-time pipeline) makes the first generated frame the "
               "reference after clip 0; 'reference' keeps the input image for the whole video")
     _add(s, "base_seed", type=int, default=42, help="seed: the same seed gives the same video on any device (default: %(default)s)")
+    _add(s, "original_timing", action="store_true",
+         help="the original's exact timing (what the golden parity tests check): the model hears the speech from its "
+              "first sample and the video starts 120 ms into it. By default 120 ms of silence go in front of the speech "
+              "the model hears, so the video has the whole speech")
 
     _add_model_args(gen.add_argument_group("model and device"))
 
@@ -181,6 +189,28 @@ def _add_service_args(parser, size_help: str) -> None:
     _add(parser, "max_queue", type=int, default=8, help="requests that may wait; more are refused (default: %(default)s)")
     _add(parser, "max_audio_s", type=float, default=600, help="longest speech a job may have, in seconds (default: %(default)s)")
     _add(parser, "size", default="704*384", help=f"{size_help} (default: %(default)s)")
+    _add_realtime_args(parser)
+
+
+def _add_realtime_args(parser) -> None:
+    """Real-time presets (liveavatar.engine.realtime): measured speeds, the start-up calibration, the choice."""
+    from liveavatar.engine.realtime import CANDIDATE_SIZES, CANDIDATE_STEPS
+
+    r = parser.add_argument_group("real time")
+    _add(r, "realtime", action="store_true", help="pick the largest size, then the most steps (4, then 3), that this "
+         "machine generates at 1.1x real time or faster, measured by a short calibration at start-up (a live "
+         "session per candidate on a synthetic input; on a GPU each new size compiles first, about a minute) "
+         "unless the speed table has it; live sessions that name no size run it, and the app starts with it")
+    _add(r, "calibrate", choices=["missing", "always", "never"], default=None,
+         help="the start-up calibration: 'missing' measures the candidates the speed table lacks for this GPU and "
+              "mode (the default with --realtime), 'always' measures them again, 'never' trusts the table "
+              "(the default without --realtime)")
+    _add(r, "speed_table", type=Path, default=None, help="the JSON file of measured speeds per GPU, size and step "
+         "count (default: $LIVEAVATAR_SPEED_TABLE or ~/.cache/liveavatar/speed.json)")
+    _add(r, "realtime_sizes", default=",".join(CANDIDATE_SIZES), help="the candidate sizes, comma-separated "
+         "(default: %(default)s)")
+    _add(r, "realtime_steps", default=",".join(map(str, CANDIDATE_STEPS)), help="the candidate step counts in the "
+         "order preferred (default: %(default)s)")
 
 
 # Flags whose effect is always on (or that only select what is already the one behaviour).
@@ -283,15 +313,19 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     import torch
     from tqdm import tqdm
 
-    from liveavatar.engine.job import STATE_DIR_SUFFIX, JobResult, JobSpec, preflight, run_job, speech_file_for, synthesize_text
+    from liveavatar.engine.job import (
+        STATE_DIR_SUFFIX, JobResult, JobSpec, preflight, run_job, speech_file_for, synthesize_text,
+    )
     from liveavatar.engine.multi_person import Speakers, split_plus
-    from liveavatar.interfaces.backend import Backend, resolve_device
+    from liveavatar.interfaces.backend import NO_GPU, Backend, resolve_device
 
     _setup_logging(args.log_level, None)
     notices = _check_text_input(args)
     output = args.save_file or _default_output(args)
     notices += _check_compat(args)
-    device, dtype = resolve_device(args.device, args.dtype, args.fp8)
+    # Without --device and without a GPU, NO_GPU is said after the inputs are checked, before anything loads.
+    device, dtype = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.dtype,
+                                   args.fp8)
     if args.gpus != 1 and args.resume:
         raise LiveAvatarError("--resume: a run on several GPUs keeps its caches in several processes and cannot be "
                               "resumed; use --gpus 1")
@@ -306,18 +340,24 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
         infer_frames=args.infer_frames, sample_steps=args.sample_steps, seed=args.base_seed,
         save_latents=args.save_latents, resume=args.resume, trim_silence=args.trim_silence,
         normalize_loudness=args.normalize_loudness, rolling_sink=args.sink_frame == "rolling",
-        text=args.text, voice=args.voice, tts=args.tts, speakers=speakers,
+        text=args.text, voice=args.voice, tts=args.tts, speakers=speakers, lead_in=not args.original_timing,
+        overwrite=args.overwrite,
     )
     # A resumed text job speaks the speech its interrupted run synthesised (a neural voice need not repeat itself).
     synthesize_text(spec, reuse=args.resume and Path(str(output) + STATE_DIR_SUFFIX).exists())
-    preflight(spec)
+    warnings: list[str] = []
+    preflight(spec, warnings)
+    if args.device is None and not torch.cuda.is_available():
+        raise LiveAvatarError(NO_GPU)  # before the weights are looked for (a first run downloads 50 GB)
     _setup_logging(args.log_level, output.with_suffix(".log"))  # only once the output folder is known good
-    log.info("run: %s", " ".join(sys.argv))
+    log.info("run: %s", shlex.join(["liveavatar", *args.argv]))  # pastes back into a shell
     for notice in notices:
         log.info("%s", notice)
     if spec.text is not None:
         log.info("speech: %d characters of text spoken by the %s engine (voice %s) into %s", len(spec.text),
                  spec.tts or "espeak", spec.voice or "default", spec.audio)
+    for warning in warnings:  # before anything loads: a small image, --num_clip beyond the speech
+        log.warning("%s", warning)
     log.info("device %s (%s), torch %s", device, dtype, torch.__version__)
     backend = Backend.from_args(args)
     if backend.decoder.path is not None:
@@ -328,12 +368,13 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
     if gpu_csv is not None:
         gpu_csv.write_text("block,elapsed_s,allocated_gb,reserved_gb\n")
     try:
-        for item in run_job(pipe, spec, should_stop=lambda: stop.requested):
+        for item in run_job(pipe, spec, should_stop=lambda: stop.requested, log_notices=False):
             if isinstance(item, JobResult):
                 if bar is not None:
                     bar.close()
                 log.info("wrote %s: %d frames %dx%d in %.1f s (%.2f FPS generated, first frame after %.2f s)",
-                         item.output, item.frames, item.width, item.height, item.seconds, item.fps, item.first_frame_s)
+                         item.output, item.frames, item.width, item.height, item.seconds, item.generation_fps,
+                         item.first_frame_s)
                 log.info("mean per block (ms): %s", {k: round(v, 1) for k, v in item.stage_ms.items()})
                 gpu = f", GPU {item.peak_gpu_memory_gb:.2f} GiB" if item.peak_gpu_memory_gb is not None else ""
                 log.info("peak memory: host %.2f GiB%s", item.peak_host_memory_gb, gpu)
@@ -342,9 +383,12 @@ def cmd_generate(args, stop: "_StopFlag") -> int:
                 _print_path(item.output)
                 return 0
             if bar is None:
-                bar = tqdm(total=item.frames_total, initial=item.frames_done - len(item.block.frames), unit="frame",
-                           desc="generating", dynamic_ncols=True)
-            bar.update(len(item.block.frames))
+                # Started with the first block already counted: its frames took the whole start-up, and counting
+                # them as one update at once would show thousands of frames per second.
+                bar = tqdm(total=item.frames_total, initial=item.frames_done, unit="frame", desc="generating",
+                           dynamic_ncols=True)
+            else:
+                bar.update(len(item.block.frames))
             bar.set_postfix(clip=item.block.clip, block=f"{item.blocks_done}/{item.blocks_total}")
             if gpu_csv is not None:
                 with gpu_csv.open("a") as f:
@@ -367,13 +411,38 @@ def _print_path(path: Path) -> None:
         print(os.fsdecode(path))
 
 
+# What `app` and `serve` import from the optional 'app' extra (pyproject.toml), checked before any model loads.
+APP_EXTRA_MODULES = {"app": ("gradio",), "serve": ("fastapi", "uvicorn", "python_multipart", "websockets")}
+APP_EXTRA_PACKAGES = {"gradio", "fastapi", "starlette", "uvicorn", "python_multipart", "multipart", "websockets"}
+
+
+def _require_app_extra(command: str) -> None:
+    missing = []
+    for module in APP_EXTRA_MODULES[command]:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if (e.name or module).split(".")[0] not in APP_EXTRA_PACKAGES:
+                raise
+            missing.append((e.name or module).split(".")[0])
+    if missing:
+        raise LiveAvatarError(_missing_extra(command, missing))
+
+
+def _missing_extra(command: str, missing: list[str]) -> str:
+    return (f"`liveavatar {command}` needs the optional 'app' extra ({', '.join(missing)} not installed): run "
+            f"bash scripts/setup.sh app, or pip install -e '.[app]' in the checkout")
+
+
 def cmd_app(args, *_unused) -> int:  # Gradio and uvicorn handle Ctrl-C themselves
+    _require_app_extra("app")
     from liveavatar.interfaces import app
 
     return app.main(args)
 
 
 def cmd_serve(args, *_unused) -> int:
+    _require_app_extra("serve")
     from liveavatar.interfaces import server
 
     return server.main(args)
@@ -449,7 +518,9 @@ def _log_to_files(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     stop = _StopFlag()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -12,14 +12,19 @@ field repeated in the order of the people):
 
 Live sessions (speech pushed while the avatar is generated, see liveavatar.engine.live):
 
-    POST /sessions                   image + prompt + options (the decoder among them); 201 with the session's id
+    POST /sessions                   image + prompt + options (the decoder among them; a size, or realtime=true for
+                                     the size this machine keeps up with; on_slow=downgrade|refuse|keep for a size
+                                     that cannot, 409 when refused); 201 with the session's id
     WS   /sessions/{id}/ws           push 16 kHz mono s16le PCM (binary) or text to speak (JSON {"type": "text",
                                      "text": ..., "voice": ..., "tts": ...}, spoken sentence by sentence); receive
                                      JSON events (text) and the session's fragmented MP4 (binary); the session
                                      ends when it closes
     GET  /sessions/{id}/video        the session's video for further viewers (from the newest block on)
+    GET  /sessions/{id}/view         a page that only plays it, filling the window (a Browser Source for OBS)
+    GET  /sessions/{id}              state, lag, the size running, what the session decided
     POST /sessions/{id}/close
 
+    GET /capabilities                what this machine sustains per size and step count, the real-time preset
     GET /health, GET /openapi.json, GET /player (the page)
 
 Every request runs on one engine thread with one model (liveavatar.engine.worker); uploads are kept in the
@@ -48,7 +53,8 @@ from fastapi.staticfiles import StaticFiles
 from liveavatar import tts
 from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec, check_speakers, synthesize_text
 from liveavatar.engine.multi_person import Speakers
-from liveavatar.engine.live import LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
+from liveavatar.engine.live import LAG_BOUND_S, LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
+from liveavatar.engine.realtime import ON_SLOW, Realtime, SpeedTable, machine_name
 from liveavatar.engine.worker import FINISHED, JobTask, QueueFull, SessionTask, EngineWorker
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.media import audio as audio_io
@@ -220,20 +226,28 @@ def _job_view(worker: EngineWorker, task: JobTask) -> dict:
         p = task.progress
         view["progress"] = {"blocks_done": p.blocks_done, "blocks_total": p.blocks_total, "frames_done": p.frames_done,
                             "frames_total": p.frames_total, "elapsed_s": round(p.elapsed_s, 3)}
+        if p.notices:
+            view["notices"] = list(p.notices)
     if task.first_block_s is not None:
         view["first_block_s"] = round(task.first_block_s, 3)
     if task.result is not None:
         r: JobResult = task.result
         view["result"] = {"frames": r.frames, "clips": r.clips, "width": r.width, "height": r.height,
-                          "seconds": round(r.seconds, 3), "fps": round(r.fps, 3), "first_frame_s": round(r.first_frame_s, 3)}
+                          "seconds": round(r.seconds, 3), "generation_fps": round(r.generation_fps, 3),
+                          "first_frame_s": round(r.first_frame_s, 3), "notices": r.notices}
     return view
 
 
 def _session_view(worker: EngineWorker, task: SessionTask) -> dict:
+    session = task.session
     return {
         "id": task.id, "state": task.state, "position": worker.position(task), "error": task.error,
-        "blocks_done": task.session.blocks_done,
-        "links": {"ws": f"/sessions/{task.id}/ws", "video": f"/sessions/{task.id}/video"},
+        "blocks_done": session.blocks_done,
+        "links": {"ws": f"/sessions/{task.id}/ws", "video": f"/sessions/{task.id}/video",
+                  "view": f"/sessions/{task.id}/view"},
+        # The MIME type with codecs, once the video has begun (what Media Source Extensions need).
+        "mime": mime_type(session.init_segment) if session.init_segment else None,
+        **session.status(),
     }
 
 
@@ -282,8 +296,15 @@ def _block_json(info: LiveBlock) -> str:
 
 
 def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, default_size: str = "704*384",
-               max_audio_s: float = 600) -> FastAPI:
+               max_audio_s: float = 600, realtime: Realtime | None = None) -> FastAPI:
+    """realtime: the speeds this machine sustains and the real-time preset (default: measured from this
+    service's own jobs and sessions, kept in memory); the worker's measurements go to it."""
     work_dir = Path(work_dir).resolve()
+    if realtime is None:
+        realtime = worker.realtime or Realtime(SpeedTable(None, machine_name(worker.pipe)),
+                                               fixed_steps=worker.pipe.fixed_sample_steps)
+    if worker.realtime is None:
+        worker.realtime = realtime
     for name in ("jobs", "sessions"):
         folder = work_dir / name
         folder.mkdir(exist_ok=True)
@@ -297,13 +318,21 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         docs_url=None, redoc_url=None,  # their pages load scripts from a CDN; /openapi.json is served
     )
     app.state.worker = worker
+    app.state.realtime = realtime
 
     @app.get("/health")
     def health() -> dict:
         running = worker.running
         return {"status": "ok", "device": str(worker.pipe.device), "queued": worker.queued,
                 "max_queue": worker.max_queue, "running": running.id if running else None,
-                "decoder": worker.pipe.decoder_name, "decoders": list(worker.pipe.decoders)}
+                "decoder": worker.pipe.decoder_name, "decoders": list(worker.pipe.decoders),
+                "realtime": realtime.summary()}
+
+    @app.get("/capabilities")
+    def capabilities() -> dict:
+        """What this machine sustains per size and step count (measured: the start-up calibration, jobs and
+        sessions), the FPS a live session needs, and the real-time preset with the reason it was picked."""
+        return {"device": str(worker.pipe.device), **realtime.capabilities()}
 
     # ------------------------------------------------------------------ jobs
     @app.post("/jobs", status_code=202)
@@ -406,8 +435,15 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     async def create_session(
         image: UploadFile = File(..., description="reference image"),
         prompt: str = Form("A person is talking."),
-        size: str = Form("384*256", description="pixel budget W*H; small sizes keep up with real time"),
-        sample_steps: int = Form(4, ge=1, le=50),
+        size: str | None = Form(None, description="pixel budget W*H, or 'auto' (as realtime=true); default: 'auto' "
+                                "if the server runs with --realtime, else 384*256"),
+        sample_steps: int | None = Form(None, ge=1, le=50, description="default 4 (with realtime: the preset's)"),
+        realtime: bool = Form(False, description="run the largest size, then the most steps (4, then 3), that this "
+                              "machine makes at 1.1x real time or faster (see /capabilities)"),
+        on_slow: str = Form("downgrade", description="a size measured too slow for real time: 'downgrade' to the real-time "
+                            "preset (and step down while running if it falls behind with speech queued), 'refuse' "
+                            "(409 with the numbers), 'keep' (run it; the lag shows)"),
+        max_lag_s: float = Form(LAG_BOUND_S, gt=0, le=30, description="the lag (s) past which the session catches up"),
         seed: int = Form(42, ge=0, le=MAX_SEED),
         rolling_sink: bool = Form(True, description="after the first clip, the first generated frame becomes the reference"),
         voice: str | None = Form(None, description="the voice of text messages (default: the engine's own)"),
@@ -416,9 +452,26 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
                                    "light decoder, if the server was started with --decoder taew2_1); default: the "
                                    "server's --decoder (see /health)"),
     ) -> dict:
-        _check_size(size)
+        auto = size is not None and size.strip().lower() == "auto"
+        if (realtime or auto) and sample_steps is not None:
+            raise HTTPException(422, "sample_steps: the real-time preset picks the step count (leave it out)")
+        if realtime and size is not None and not auto:
+            raise HTTPException(422, f"size: realtime=true picks the size (leave it out, or give 'auto'), not {size!r}")
+        if on_slow not in ON_SLOW:
+            raise HTTPException(422, f"on_slow: one of {', '.join(ON_SLOW)}, not {on_slow!r}")
+        realtime = realtime or auto or (size is None and app.state.realtime.default)
+        size = None if realtime else (size or "384*256")
+        sample_steps = 4 if sample_steps is None else sample_steps
+        if size is not None:
+            _check_size(size)
         _check_steps(worker, sample_steps)
         _check_decoder(worker, decoder)
+        plan = app.state.realtime.plan(size, sample_steps, realtime, on_slow)
+        if plan.refused:
+            choice = app.state.realtime.choice()
+            return JSONResponse({"detail": plan.refused, "requested": {"size": size, "sample_steps": sample_steps,
+                                 "fps": app.state.realtime.speeds().get((size, sample_steps))},
+                                 "needed_fps": app.state.realtime.needed_fps, "realtime": choice.to_dict()}, status_code=409)
         # The engine and voice of the session's text messages, checked now (a message may name others).
         speaking = _check_tts(None, tts_engine, voice, None) if voice or tts_engine else (None, None)
         session_id = uuid.uuid4().hex
@@ -428,7 +481,10 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         with _removed_on_failure(folder):
             _save_upload(image, image_path, "image")
             _check_upload(image_io.load_image, image_path, image, "image")
-            session = LiveSession(SessionOptions(image_path, prompt, size, sample_steps, seed, rolling_sink, decoder))
+            session = LiveSession(SessionOptions(image_path, prompt, plan.size or "auto", plan.steps or sample_steps, seed,
+                                                 rolling_sink, decoder, on_slow=on_slow, max_lag_s=max_lag_s),
+                                  app.state.realtime)
+            session.plan_message = plan.message
             task = worker.submit(SessionTask(kind="session", id=session_id, session=session, folder=folder))
             session_voices[session_id] = speaking
         async def close_unclaimed():
@@ -471,7 +527,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
                         yield event[1]
                     elif event[0] == "block":
                         yield event[2]
-                    else:
+                    elif event[0] == "end":
                         yield event[2]
                         return
             finally:
@@ -488,6 +544,8 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         task.connected = True
         await websocket.accept()
         await websocket.send_text(json.dumps({"type": "session", **_session_view(worker, task)}))
+        if task.session.plan_message is not None:  # the size picked for real time, or the downgrade
+            await websocket.send_text(json.dumps(task.session.plan_message))
         events, deliver = _subscribe_async(task.session)
         loop = asyncio.get_running_loop()
         engine, voice = session_voices.pop(session_id, (None, None))
@@ -504,7 +562,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
                 elif event[0] == "block":
                     await websocket.send_text(_block_json(event[1]))
                     await websocket.send_bytes(event[2])
-                elif event[0] == "speech":  # a sentence of text queued whole, or one that failed
+                elif event[0] in ("speech", "message"):  # a sentence of text queued; what the session decided
                     await websocket.send_text(json.dumps(event[1]))
                 else:
                     if event[2]:
@@ -581,6 +639,13 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     def player():
         return FileResponse(STATIC_DIR / "player.html", media_type="text/html")
 
+    @app.get("/sessions/{session_id}/view", include_in_schema=False)
+    def session_viewer(session_id: str):
+        """The session's video alone, filling the page, starting by itself with sound where the browser allows
+        it (OBS's Browser Source does; a plain browser starts muted and shows a button): any number of viewers."""
+        session_task(session_id)
+        return FileResponse(STATIC_DIR / "viewer.html", media_type="text/html", headers={"Cache-Control": "no-store"})
+
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * 2**20))
     return app
 
@@ -588,7 +653,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
 def main(args) -> int:
     import uvicorn
 
-    from liveavatar.interfaces.backend import Backend
+    from liveavatar.interfaces.backend import Backend, open_realtime
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="liveavatar-serve-"))
@@ -597,7 +662,8 @@ def main(args) -> int:
     pipe = Backend.from_args(args).open()
     log.info("model ready in %.1f s; work folder %s", time.perf_counter() - t0, work_dir)
     worker = EngineWorker(pipe, max_queue=args.max_queue)
-    app = create_app(worker, work_dir, args.max_upload_mb, args.size, args.max_audio_s)
+    realtime = open_realtime(args, pipe, worker)
+    app = create_app(worker, work_dir, args.max_upload_mb, args.size, args.max_audio_s, realtime)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
     finally:

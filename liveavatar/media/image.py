@@ -107,6 +107,18 @@ def output_size(image_h: int, image_w: int, area: int) -> tuple[int, int]:
     return height, width
 
 
+def small_image_notice(image_w: int, image_h: int, out_w: int, out_h: int, area: int, size_text: str) -> str | None:
+    """A word for an image so small that the video comes out at less than half of the ``--size`` budget (an image
+    is never scaled up, only its sides rounded up to multiples of 64); None otherwise."""
+    if 2 * out_w * out_h > area:
+        return None
+    need_w = math.ceil(math.sqrt(area * image_w / image_h))
+    need_h = math.ceil(math.sqrt(area * image_h / image_w))
+    return (f"the image is {image_w}x{image_h} pixels, smaller than --size {size_text.strip()} asks for: the video "
+            f"will be {out_w}x{out_h} (an image is not scaled up to fill --size); for a video of about that size use "
+            f"an image of at least {need_w}x{need_h} pixels, or pass a smaller --size")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Converts any Pillow mode to 8-bit RGB.
 
@@ -125,10 +137,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Reads an image file as an 8-bit RGB PIL image (first frame of animated formats).
+    """Reads an image file as an 8-bit RGB PIL image (first frame of animated formats), upright.
 
-    EXIF orientation is not applied, like the reference. Raises InputError with a one-line
-    message for a missing, empty, unreadable, corrupt, truncated or oversized file.
+    The EXIF Orientation tag (all eight values; a phone photo is usually stored sideways with tag 6 or
+    8) is applied, so the image is the way it is shown: the reference ignored it and made portrait phone
+    photos into sideways landscape videos. An image without the tag (the golden PNGs) is unchanged.
+    Raises InputError with a one-line message for a missing, empty, unreadable, corrupt, truncated or
+    oversized file.
     """
     path = Path(path)
     require_readable_file(path, "image")
@@ -145,7 +160,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                     f"limit of {MAX_IMAGE_PIXELS} (possible decompression bomb): {path}"
                 )
             img.load()
-            return _to_rgb(img).copy()
+            return _to_rgb(_upright(img)).copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(
             f"image is too large: over the limit of {MAX_IMAGE_PIXELS} pixels (possible decompression bomb): {path}"
@@ -154,6 +169,31 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise InputError(f"not an image file (unknown or unsupported format): {path}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"image file is corrupt or truncated: {path}: {exc}") from None
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned and mirrored as its EXIF Orientation tag says (the image itself without one).
+    Unreadable EXIF data is ignored: the pixels are there, only the hint of how to turn them is broken."""
+    try:
+        orientation = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # malformed EXIF blocks raise from deep inside Pillow's parser, with many types
+        return img
+    if orientation not in range(2, 9):
+        return img
+    return img.transpose(_TRANSPOSE[orientation])
+
+
+ORIENTATION_TAG = 0x0112
+# EXIF Orientation -> the Pillow transpose that makes the stored pixels upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:

@@ -13,10 +13,11 @@ Design, and why:
   disk with the following ``write()`` or at ``close()``; memory never holds more than one block.
 * ``delay_moov`` lets the muxer write an edit list for the AAC encoder's priming samples; with
   a plain ``empty_moov`` the audio would play 1024 samples (64 ms at 16 kHz) late.
-* The audio is known in full up front. It is encoded ahead by one long-lived AAC encoder, and
-  after the first ``k`` frames exactly the AAC packets that start before ``k / fps`` are muxed,
-  so every prefix of the file has matching audio and video, and the final audio stops with the
-  video (like ffmpeg's ``-shortest``).
+* The audio is known in full up front: samples in memory, or a `SpeechTrack` (a stretch of the
+  user's file, muxed at its own rate and channels and decoded as it is needed). It is encoded ahead
+  by one long-lived AAC encoder (192 kb/s), and after the first ``k`` frames exactly the AAC packets
+  that start before ``k / fps`` are muxed, so every prefix of the file has matching audio and video,
+  and the final audio stops with the video (like ffmpeg's ``-shortest``) or, if shorter, ends first.
 * The file is written as ``<path>.partial`` and moved into place by ``close()`` with
   ``os.replace``; after an error the partial file stays for inspection or ``resume``.
 """
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from liveavatar.errors import InputError
+from liveavatar.media.audio import SpeechTrack, TrackReader, aac_bitrate
 
 PARTIAL_SUFFIX = ".partial"
 # Kept while a resume copies the old partial file's prefix; removed once that prefix is on disk.
@@ -86,14 +88,42 @@ def _as_uint8_frames(frames, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-class _AudioTrack:
-    """Encodes the whole audio with one AAC encoder, ahead of need, and hands out its packets in
-    order up to a time limit. Deterministic: the same audio always yields the same packets."""
+class _ArrayReader:
+    """Reads samples ``[channels, n]`` (or mono ``[n]``) held in memory, in order, like a TrackReader."""
 
-    def __init__(self, stream: av.audio.stream.AudioStream, audio: np.ndarray, sample_rate: int):
+    def __init__(self, audio: np.ndarray, sample_rate: int):
+        audio = np.asarray(audio, dtype=np.float32)
+        self._audio = np.ascontiguousarray(audio.reshape(1, -1) if audio.ndim <= 1 else audio)
+        self.sample_rate = sample_rate
+        self.channels = self._audio.shape[0]
+        self.layout = {1: "mono", 2: "stereo"}.get(self.channels)
+        if self.layout is None:
+            raise ValueError(f"audio held in memory must be mono [n] or [1 or 2, n], got {audio.shape}")
+        self._position = 0
+
+    def read(self, count: int) -> np.ndarray:
+        chunk = self._audio[:, self._position : self._position + count]
+        self._position += chunk.shape[1]
+        return chunk
+
+    def close(self) -> None:
+        pass
+
+
+def open_sound(audio: np.ndarray | SpeechTrack, sample_rate: int) -> TrackReader | _ArrayReader:
+    """A reader of a sound track given as a stretch of a file or as samples held in memory at `sample_rate`."""
+    return audio.open() if isinstance(audio, SpeechTrack) else _ArrayReader(audio, sample_rate)
+
+
+class _AudioTrack:
+    """Encodes the whole audio with one AAC encoder, ahead of need (reading its source as it goes), and
+    hands out its packets in order up to a time limit. Deterministic: the same audio always yields the
+    same packets."""
+
+    def __init__(self, stream: av.audio.stream.AudioStream, reader):
         self._stream = stream
-        self._audio = audio
-        self._sample_rate = sample_rate
+        self._reader = reader
+        self._sample_rate = reader.sample_rate
         self._position = 0
         self._flushed = False
         self._pending: deque = deque()
@@ -101,13 +131,13 @@ class _AudioTrack:
         self._frame_size = stream.codec_context.frame_size
 
     def _encode_next(self) -> None:
-        if self._position < len(self._audio):
-            chunk = self._audio[self._position : self._position + self._frame_size]
-            frame = av.AudioFrame.from_ndarray(chunk[None, :], format="fltp", layout="mono")
+        chunk = self._reader.read(self._frame_size)
+        if chunk.shape[1]:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout=self._reader.layout)
             frame.sample_rate = self._sample_rate
             frame.time_base = Fraction(1, self._sample_rate)
             frame.pts = self._position
-            self._position += len(chunk)
+            self._position += chunk.shape[1]
             self._pending.extend(self._stream.encode(frame))
         else:
             self._pending.extend(self._stream.encode(None))
@@ -126,10 +156,16 @@ class _AudioTrack:
             packets.append(self._pending.popleft())
         return packets
 
+    def close(self) -> None:
+        self._reader.close()
+
 
 class FragmentedMP4Writer:
     """Writes uint8 frames block by block to a fragmented H.264/AAC MP4 (see the module notes).
 
+    ``audio``: float32 samples at ``sample_rate`` (mono ``[n]``, or ``[channels, n]`` for one or two
+    channels), or a `SpeechTrack` (read at the file's own rate and channels; ``sample_rate`` is then not
+    used), or None for a silent video. ``audio_bitrate``: the AAC bit rate (default `aac_bitrate`).
     ``crf`` and ``preset`` are libx264's quality and speed settings. ``threads`` is fixed (not
     "auto") because x264's output depends on its thread count, and a resumed run must encode
     exactly like the original, possibly on another machine.
@@ -141,12 +177,12 @@ class FragmentedMP4Writer:
         width: int,
         height: int,
         fps: int | Fraction = 25,
-        audio: np.ndarray | None = None,
+        audio: np.ndarray | SpeechTrack | None = None,
         sample_rate: int = 16000,
         crf: int = 18,
         preset: str = "medium",
         threads: int = 4,
-        audio_bitrate: int = 64000,
+        audio_bitrate: int | None = None,
     ):
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"width and height must be positive and even (yuv420p), got {width}x{height}")
@@ -155,6 +191,7 @@ class FragmentedMP4Writer:
         self.width, self.height = width, height
         self.fps = Fraction(fps)
         self.sample_rate = sample_rate
+        self.audio_channels = 0  # the sound track's channels (0: none)
         self.frames_written = 0
         self._encoder_options = {
             "crf": str(crf),
@@ -166,22 +203,30 @@ class FragmentedMP4Writer:
         self._resume_source: Path | None = None
         self._closed = False
 
-        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(
-            str(self.partial_path), mode="w", format="mp4", container_options=_CONTAINER_OPTIONS
-        )
+        reader = None if audio is None else open_sound(audio, sample_rate)
+        self._audio: _AudioTrack | None = None
+        try:
+            self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = av.open(
+                str(self.partial_path), mode="w", format="mp4", container_options=_CONTAINER_OPTIONS
+            )
+        except BaseException:
+            if reader is not None:
+                reader.close()
+            raise
         try:
             # A stream without an encoder: packets come from the per-block encoders, and the
             # SPS/PPS they carry in-band are lifted into the MP4 header by PyAV.
             self._video = self._container.add_mux_stream("h264", rate=self.fps, width=width, height=height)
-            self._audio: _AudioTrack | None = None
-            if audio is not None:
-                audio = np.ascontiguousarray(np.asarray(audio, dtype=np.float32).reshape(-1))
-                stream = self._container.add_stream("aac", rate=sample_rate, layout="mono")
-                stream.bit_rate = audio_bitrate
-                self._audio = _AudioTrack(stream, audio, sample_rate)
+            if reader is not None:
+                self.sample_rate, self.audio_channels = reader.sample_rate, reader.channels
+                stream = self._container.add_stream("aac", rate=reader.sample_rate, layout=reader.layout)
+                stream.bit_rate = audio_bitrate or aac_bitrate(reader.channels)
+                self._audio = _AudioTrack(stream, reader)
         except BaseException:
             self._container.close()
+            if reader is not None:
+                reader.close()
             raise
 
     # -- writing ---------------------------------------------------------------------------
@@ -244,7 +289,10 @@ class FragmentedMP4Writer:
             self.abort()
             raise ValueError(f"no frames were written, so there is no video to save at {self.path}")
         self._closed = True
-        self._container.close()
+        try:
+            self._container.close()
+        finally:
+            self._close_audio()
         with open(self.partial_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(self.partial_path, self.path)
@@ -255,7 +303,14 @@ class FragmentedMP4Writer:
         """Stops writing and keeps ``<path>.partial`` (complete up to its last block)."""
         if not self._closed:
             self._closed = True
-            self._container.close()
+            try:
+                self._container.close()
+            finally:
+                self._close_audio()
+
+    def _close_audio(self) -> None:
+        if self._audio is not None:
+            self._audio.close()
 
     def __enter__(self) -> FragmentedMP4Writer:
         return self
@@ -285,7 +340,7 @@ class FragmentedMP4Writer:
         width: int,
         height: int,
         fps: int | Fraction = 25,
-        audio: np.ndarray | None = None,
+        audio: np.ndarray | SpeechTrack | None = None,
         sample_rate: int = 16000,
         **settings,
     ) -> FragmentedMP4Writer:
@@ -486,3 +541,21 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float, np.ndarray |
             chunks.extend(out.to_ndarray().mean(axis=0) for out in resampler.resample(None))
             audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     return video, fps, audio, sample_rate
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int, str] | None:
+    """Decodes a media file's first audio stream as it is stored: (float32 ``[channels, n]``, sample rate,
+    channel layout), or None without one. For tests and verification; loads everything into memory."""
+    with _open_for_reading(Path(path)) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        rate, layout = stream.codec_context.sample_rate, stream.codec_context.layout.name
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        chunks = []
+        for frame in container.decode(stream):
+            chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
+        chunks.extend(out.to_ndarray() for out in resampler.resample(None))
+        channels = stream.codec_context.channels
+    planes = np.concatenate(chunks, axis=1) if chunks else np.zeros((channels, 0), np.float32)
+    return planes.astype(np.float32, copy=False), rate, layout

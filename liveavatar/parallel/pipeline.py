@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline
-from liveavatar.engine.stream import Block, StreamSettings, _to_uint8_frames, decode_video, start_decoder
+from liveavatar.engine.stream import Block, StreamSettings, _to_uint8_frames, decode_video, start_decoder, total_blocks
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.taehv import TinyDecoder
@@ -211,9 +211,10 @@ class ParallelStream:
         self._done = False
 
     # ------------------------------------------------------------------ the caller's thread: frames out
-    def blocks(self, num_clips: int) -> Iterator[Block]:
+    def blocks(self, num_clips: int, num_blocks: int | None = None) -> Iterator[Block]:
+        """As AvatarStream.blocks: up to num_clips clips, or num_blocks blocks if that comes first."""
         s = self.settings
-        total = num_clips * s.blocks_per_clip
+        total = total_blocks(s, num_clips, num_blocks)
         self._start(total)
         try:
             while self.next_block < total:

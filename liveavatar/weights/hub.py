@@ -32,14 +32,20 @@ def _repo_size_gb(repo: str, allow: list[str] | None = None) -> float | None:
     return sum(s.size or 0 for s in files) / 1e9
 
 
-def _snapshot(repo: str, local_dir: Path | None = None, allow: list[str] | None = None) -> Path:
+# What to do when the weights cannot be fetched into the Hugging Face cache (generate, app, serve without --ckpt_dir).
+CACHE_HINT = ("check the network (or HF_HUB_OFFLINE) and rerun: the download resumes; or fetch the weights once with "
+              "`liveavatar download --ckpt_dir ckpt` (on any machine, then copy the folder) and pass --ckpt_dir ckpt")
+
+
+def _snapshot(repo: str, local_dir: Path | None = None, allow: list[str] | None = None, hint: str = CACHE_HINT) -> Path:
     size = _repo_size_gb(repo, allow)
     if size is not None:
         log.info("downloading %s: %.1f GB (resumable; rerun to continue)", repo, size)
     try:
         path = _hub().snapshot_download(repo, local_dir=local_dir, allow_patterns=allow)
     except Exception as e:
-        raise CheckpointError(f"cannot download {repo} from the Hugging Face Hub ({type(e).__name__}: {e})") from None
+        message = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+        raise CheckpointError(f"cannot download {repo} from the Hugging Face Hub ({message}); {hint}") from None
     return Path(path)
 
 
@@ -48,8 +54,10 @@ def download(ckpt_dir: str | Path, decoders: tuple[str, ...] = ()) -> Path:
     with decoders=("taew2_1",) also the light decoder's file into ckpt_dir/taehv/ (where --decoder taew2_1
     looks for it)."""
     ckpt_dir = Path(ckpt_dir)
-    _snapshot(WAN_REPO, ckpt_dir / "Wan2.2-S2V-14B")
-    _snapshot(LORA_REPO, ckpt_dir / "LiveAvatar", allow=[LORA_FILENAME])
+    hint = (f"check the network (or HF_HUB_OFFLINE) and rerun `liveavatar download --ckpt_dir {ckpt_dir}`: it "
+            f"continues where it stopped")
+    _snapshot(WAN_REPO, ckpt_dir / "Wan2.2-S2V-14B", hint=hint)
+    _snapshot(LORA_REPO, ckpt_dir / "LiveAvatar", allow=[LORA_FILENAME], hint=hint)
     for name in decoders:
         if name != "wan":
             download_tiny_decoder(ckpt_dir / TINY_DECODER_DIR)
@@ -129,7 +137,8 @@ def cached_checkpoint() -> tuple[Path, Path]:
     try:
         wan = Path(hub.snapshot_download(WAN_REPO, local_files_only=True))
     except Exception:
-        log.info("%s is not in the Hugging Face cache (%s)", WAN_REPO, hub.constants.HF_HUB_CACHE)
+        log.info("%s is not in the Hugging Face cache (%s): downloading it there, about 50 GB (pass --ckpt_dir to use "
+                 "a folder made by `liveavatar download` instead)", WAN_REPO, hub.constants.HF_HUB_CACHE)
         wan = _snapshot(WAN_REPO)
     return wan, resolve_lora(LORA_REPO)
 
@@ -154,4 +163,6 @@ def resolve_lora(value: str | Path) -> Path:
     try:
         return Path(hub.hf_hub_download(str(value), LORA_FILENAME))
     except Exception as e:
-        raise CheckpointError(f"cannot get {LORA_FILENAME} from {value} ({type(e).__name__}: {e})") from None
+        message = " ".join(f"{type(e).__name__}: {e}".split())
+        raise CheckpointError(f"cannot get {LORA_FILENAME} from {value} ({message}); pass the file with --lora_path_dmd, "
+                              f"or {CACHE_HINT}") from None

@@ -3,7 +3,6 @@ the mask processing (exact), the per-actor audio and injection, the velocities, 
 one and on two processes; the bad inputs; and the automatic masks on real photographs."""
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -149,7 +148,7 @@ def test_first_block_velocity_every_step(dit):
     sink = dit.prefill_sink(g["ref_latents"], g["motion_latents"], text_kv)
     mask = g["mask_processed"][:, :3].reshape(2, -1, 1)
     for s in range(4):
-        ring = RingCache(dit.config.num_layers, 1, 12 * 384, dit.config.num_heads, dit.config.head_dim, "cpu", torch.float32)
+        ring = RingCache.allocate(dit.config.num_layers, 1, 12 * 384, dit.config.num_heads, dit.config.head_dim, "cpu", torch.float32)
         v = dit.forward_block(g["dit_b0_x"][s][None], g["dit_b0_t"][s], g["dit_b0_audio_input"], text_kv, sink, ring,
                               start_frame=0, ref_roll=int(g["rd_table"][0, s]), mask=mask)
         assert_close(f"M.dit_b0_v[{s}]", v[0], g["dit_b0_v"][s], tol=1e-5)
@@ -389,7 +388,7 @@ def test_faces_found_differ_from_the_tracks_is_a_one_line_error(tmp_path, capsys
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and found in err[0], err
-        assert f"speech tracks; the people are found by their faces" in err[0]
+        assert "speech tracks; the people are found by their faces" in err[0]
 
 
 def test_generate_finds_the_people_when_no_mask_is_given(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ def first_block_velocities(model: S2VTransformer, case: dict, kv_dtype) -> torch
     h, w = case["dit_b0_x"].shape[-2:]
     out = []
     for s in range(4):
-        ring = RingCache(c.num_layers, 1, 12 * (h // 2) * (w // 2), c.num_heads, c.head_dim, "cpu",
+        ring = RingCache.allocate(c.num_layers, 1, 12 * (h // 2) * (w // 2), c.num_heads, c.head_dim, "cpu",
                          kv_dtype or model.dtype, model.dtype)
         out.append(model.forward_block(case["dit_b0_x"][s][None], case["dit_b0_t"][s], case["dit_b0_audio_input"],
                                        text_kv, sink, ring, start_frame=0, ref_roll=int(case["rd_table"][0, s]))[0])
@@ -99,7 +100,7 @@ def main(argv=None) -> dict:
             else:
                 entry["vs_bf16"] = errors(v, bf16[name])
             result["velocity"][mode][name] = entry
-        pipe.dit, pipe.kv_dtype = model, kv_dtype
+        pipe.dit, pipe.options = model, replace(pipe.options, kv_dtype=kv_dtype)
         latents = stream_latents(pipe, args.golden, "T")
         entry = {"vs_fp32": errors(latents, reference_latents)}
         if mode == "bf16":

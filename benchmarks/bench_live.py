@@ -48,6 +48,7 @@ from liveavatar.engine.live import LAG_BOUND_S, LiveSession, SessionOptions  # n
 from liveavatar.engine.realtime import (  # noqa: E402
     CANDIDATE_SIZES, CANDIDATE_STEPS, STEADY_FROM, Realtime, SpeedTable, machine_name,
 )
+from liveavatar.engine.runtime import RuntimeOptions  # noqa: E402
 from liveavatar.media.audio import load_audio  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,8 +170,8 @@ def main(argv=None) -> dict:
         torch._dynamo.config.suppress_errors = True
     t0 = time.perf_counter()
     # As `serve` on a GPU: the encoders in host memory except while they run (wav2vec2 stays on the GPU in a session).
-    pipe = build_pipeline(SCALES[args.scale], device, dtype, offload_encoders=device.type == "cuda", fp8=args.fp8,
-                          fast=args.compile)
+    pipe = build_pipeline(SCALES[args.scale], device, dtype,
+                          options=RuntimeOptions(fp8=args.fp8, compile=args.compile, offload_encoders=device.type == "cuda"))
     result["build_s"] = time.perf_counter() - t0
     table = SpeedTable(args.speed_table, machine_name(pipe))
     realtime = Realtime(table, [s for s in args.sizes.split(",") if s], [int(n) for n in args.steps_options.split(",") if n])

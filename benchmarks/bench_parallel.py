@@ -48,19 +48,19 @@ from benchmarks.random_models import SCALES, build_dit, build_vae  # noqa: E402
 from benchmarks.report import write_json  # noqa: E402
 from liveavatar.engine.audio_source import PrecomputedAudio  # noqa: E402
 from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline  # noqa: E402
+from liveavatar.engine.runtime import RuntimeOptions  # noqa: E402
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.media import image as image_io  # noqa: E402
 from liveavatar.parallel.launch import start_pipeline  # noqa: E402
 from liveavatar.parallel.schedule import DECODE_COST  # noqa: E402
-from liveavatar.parallel.worker import DitOptions  # noqa: E402
 
 SEED = 42
 CONFIGS = {
-    "fp32": DitOptions(),  # the CPU check
-    "bf16": DitOptions(),
-    "fp8": DitOptions(fp8=True),
-    "fp8_fast": DitOptions(fp8=True, fast=True),
-    "bf16_fast": DitOptions(fast=True),
+    "fp32": RuntimeOptions(),  # the CPU check
+    "bf16": RuntimeOptions(),
+    "fp8": RuntimeOptions(fp8=True),
+    "fp8_fast": RuntimeOptions(fp8=True, compile=True),
+    "bf16_fast": RuntimeOptions(compile=True),
 }
 TEXT_TOKENS = 24  # a short prompt; the transformer pads the text to 512 positions whatever its length
 
@@ -216,7 +216,7 @@ def measure(pipe, run: dict, size: str, with_single: bool, args, t_start: float)
     if not with_single or pipe.dit is None or time.perf_counter() - t_start > args.deadline_s:
         return
     # One process on one GPU with the same models and options (the output rank's transformer).
-    single = LiveAvatarPipeline(pipe.dit, pipe.vae, None, None, fast=pipe.fast)
+    single = LiveAvatarPipeline(pipe.dit, pipe.vae, None, None, pipe.options)
     run_stream(single, cond, 1, args.mux)  # warm-up of the one-process path
     run["single"], reference, _ = run_stream(single, cond, args.clips, args.mux)
     diff = (latents.double() - reference.double()).abs().max().item()

@@ -42,7 +42,7 @@ def block_step_flops(config: S2VConfig, lat_h: int, lat_w: int, frames_per_block
         text_kv = model.text_kv(torch.zeros(1, 16, config.text_dim))
         sink = model.prefill_sink(torch.zeros(1, 16, 1, lat_h, lat_w), torch.zeros(1, 16, 19, lat_h, lat_w), text_kv)
         tokens_per_frame = (lat_h // 2) * (lat_w // 2)
-        ring = RingCache(config.num_layers, 1, ring_frames * tokens_per_frame, config.num_heads, config.head_dim,
+        ring = RingCache.allocate(config.num_layers, 1, ring_frames * tokens_per_frame, config.num_heads, config.head_dim,
                          "meta", torch.float32)
         ring.written = ring.capacity
         audio = torch.zeros(1, config.audio_layers, config.audio_dim, 4 * frames_per_block)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from liveavatar.engine.pipeline import LiveAvatarPipeline
+from liveavatar.engine.runtime import RuntimeOptions
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.dit import S2VConfig, S2VTransformer
 from liveavatar.models.taehv import NAME as TINY_DECODER
@@ -173,19 +174,18 @@ def build_audio_encoder(fields: dict = FULL.wav2vec2, device="cuda", seed: int =
 
 
 def build_pipeline(scale: ModelScale = FULL, device="cuda", dtype=torch.bfloat16, vae_dtype=None,
-                   offload_encoders: bool = False, offload_transformer: bool = False, fp8: bool = False,
-                   kv_dtype: torch.dtype | None = None, fast: bool = False, decoder: str = "wan") -> LiveAvatarPipeline:
-    """All four models of a scale on `device`, with the options of `LiveAvatarPipeline.from_pretrained`
-    applied the same way (`LiveAvatarPipeline.assemble`). decoder="taew2_1": the light decoder too (in the
-    dtype the loader gives it), which then decodes the streams unless one asks for "wan"."""
+                   options: RuntimeOptions = RuntimeOptions(), decoder: str = "wan") -> LiveAvatarPipeline:
+    """All four models of a scale on `device`, with the runtime options applied as `LiveAvatarPipeline.from_pretrained`
+    applies them (`LiveAvatarPipeline.assemble`). decoder="taew2_1": a random light decoder too (in the dtype the
+    loader gives it), which then decodes the streams unless one asks for "wan"."""
     device = torch.device(device)
-    text = build_text_encoder(scale.t5, "cpu" if offload_encoders else device, dtype, init_device=device)
-    audio = build_audio_encoder(scale.wav2vec2, "cpu" if offload_encoders else device)
+    encoders_at = "cpu" if options.offload_encoders else device
+    text = build_text_encoder(scale.t5, encoders_at, dtype, init_device=device)
+    audio = build_audio_encoder(scale.wav2vec2, encoders_at)
     vae = build_vae(scale.vae_dim, device, vae_dtype or dtype)
-    dit = build_dit(scale.dit, "cpu" if offload_transformer else device, dtype, init_device=device)
+    dit = build_dit(scale.dit, "cpu" if options.offload_transformer else device, dtype, init_device=device)
     tiny = build_tiny_decoder(device, tiny_decoder_dtype(device, dtype)) if decoder == TINY_DECODER else None
-    return LiveAvatarPipeline.assemble(dit, vae, text, audio, device, offload_encoders, offload_transformer, fp8,
-                                       kv_dtype, fast, tiny_decoder=tiny)
+    return LiveAvatarPipeline.assemble(dit, vae, text, audio, device, options, tiny_decoder=tiny)
 
 
 def word_tokenizer():

@@ -51,10 +51,12 @@ from benchmarks.random_models import SCALES, build_pipeline, num_parameters  # n
 from benchmarks.report import emit  # noqa: E402
 from liveavatar.engine.audio_source import audio_source_for  # noqa: E402
 from liveavatar.engine.job import OutputThread  # noqa: E402
+from liveavatar.engine.runtime import RuntimeOptions  # noqa: E402
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.media import image as image_io  # noqa: E402
 from liveavatar.media.audio import load_audio  # noqa: E402
 from liveavatar.media.video import FragmentedMP4Writer  # noqa: E402
+from liveavatar.models.fastpath import attention_candidates  # noqa: E402
 from liveavatar.models.taehv import DECODERS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv_fp8", action="store_true", help="FP8 ring caches")
     p.add_argument("--offload", action="store_true", help="transformer blocks and rings streamed from host memory")
     p.add_argument("--compile", action="store_true", help="the compiled fast path (liveavatar.models.fastpath)")
+    p.add_argument("--no_cuda_graphs", action="store_true", help="with --compile: steps launched from Python, not replayed as CUDA graphs")
+    p.add_argument("--attention", choices=sorted(attention_candidates()), default=None,
+                   help="with --compile: this self-attention kernel instead of the fastest one timed")
     p.add_argument("--memory_gb", type=float, default=None, help="cap the process at this many GiB of GPU memory")
     p.add_argument("--concurrent_decode", action="store_true", help="VAE on its own CUDA stream beside the next block's steps")
     p.add_argument("--decoder", nargs="+", choices=DECODERS, default=["wan"],
@@ -107,9 +112,11 @@ def main(argv=None) -> dict:
         torch._dynamo.config.suppress_errors = True
 
     t0 = time.perf_counter()
-    pipe = build_pipeline(scale, device, dtype, vae_dtype=getattr(torch, args.vae_dtype or args.dtype),
-                          offload_encoders=args.offload, offload_transformer=args.offload, fp8=args.fp8,
-                          kv_dtype=torch.float8_e4m3fn if args.kv_fp8 else None, fast=args.compile,
+    options = RuntimeOptions(fp8=args.fp8, compile=args.compile, cuda_graphs=not args.no_cuda_graphs,
+                             attention=args.attention, offload_encoders=args.offload, offload_transformer=args.offload,
+                             kv_dtype=torch.float8_e4m3fn if args.kv_fp8 else None,
+                             concurrent_decode=args.concurrent_decode)
+    pipe = build_pipeline(scale, device, dtype, vae_dtype=getattr(torch, args.vae_dtype or args.dtype), options=options,
                           decoder="taew2_1" if "taew2_1" in args.decoder else "wan")
     _sync(device)
     result["build_s"] = time.perf_counter() - t0
@@ -156,7 +163,7 @@ def measure(pipe, cond, settings: StreamSettings, num_clips: int, args, wave: np
     result: dict = {}
     # A short stream first: compilation, kernel autotuning and first-use allocations stay out of the numbers.
     t0 = time.perf_counter()
-    warm = pipe.stream(cond, settings, concurrent_decode=args.concurrent_decode)
+    warm = pipe.stream(cond, settings)
     for _ in zip(range(WARMUP_STREAM_BLOCKS), warm.blocks(num_clips)):
         pass
     del warm
@@ -287,7 +294,7 @@ def run_stream(pipe, cond, settings: StreamSettings, num_clips: int, args, wave:
     profile, bytes of pinned host memory the low-memory mode holds). Nothing waits for the GPU between the two,
     as in a real stream."""
     t_call = time.perf_counter()
-    stream = pipe.stream(cond, settings, concurrent_decode=args.concurrent_decode)
+    stream = pipe.stream(cond, settings)
     setup_s = time.perf_counter() - t_call
     output = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -310,7 +317,7 @@ def run_stream(pipe, cond, settings: StreamSettings, num_clips: int, args, wave:
             for record, ms in zip(records, output.mux_ms):
                 record["stages_ms"]["mux"] = ms
         profile = profile_block(stream.blocks(num_clips), pipe.device) if args.profile else None
-        graphs = stream._step_graphs
+        graphs = stream.steps.graphs
         if graphs is not None:
             profile = {**(profile or {}), "cuda_graphs": len(graphs.graphs), "cuda_graph_error": graphs.error}
         if getattr(stream.decoder, "cuda_graphs", False):  # the light decoder's block graphs
@@ -325,7 +332,7 @@ def run_stream(pipe, cond, settings: StreamSettings, num_clips: int, args, wave:
 def pinned_host_bytes(pipe, stream) -> int:
     """Pinned host memory of the low-memory mode: the transformer blocks and the stream's ring caches."""
     blocks = pipe.dit.block_streamer.host_bytes if pipe.dit.block_streamer is not None else 0
-    rings = stream._host_rings.rings if stream._host_rings is not None else []
+    rings = stream.steps.host_rings.rings if stream.steps.host_rings is not None else []
     return blocks + sum(t.numel() * t.element_size() for r in rings for t in (r.keys, r.values, *(r.scales or ())))
 
 

@@ -58,7 +58,7 @@ def test_first_block_velocity_every_step(lora_model, name):
     h, w = g["dit_b0_x"].shape[-2:]
     tokens_per_frame = (h // 2) * (w // 2)
     for s in range(4):
-        ring = RingCache(m.config.num_layers, 1, 12 * tokens_per_frame, m.config.num_heads, m.config.head_dim, "cpu", torch.float32)
+        ring = RingCache.allocate(m.config.num_layers, 1, 12 * tokens_per_frame, m.config.num_heads, m.config.head_dim, "cpu", torch.float32)
         v = m.forward_block(
             g["dit_b0_x"][s][None], g["dit_b0_t"][s], g["dit_b0_audio_input"], text_kv, sink, ring,
             start_frame=0, ref_roll=int(g["rd_table"][0, s]),

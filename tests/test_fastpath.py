@@ -37,7 +37,7 @@ def _stream_velocities(dit, rings=None, blocks=6) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)
     text_kv = dit.text_kv(torch.randn(1, 5, 4096, generator=gen))
     sink = dit.prefill_sink(torch.randn(1, 16, 1, H, W, generator=gen), torch.randn(1, 16, 19, H, W, generator=gen), text_kv)
-    ring = rings[0] if rings else RingCache(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype)
+    ring = rings[0] if rings else RingCache.allocate(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype)
     out = []
     for k in range(blocks):
         x, audio = _inputs(10 + k)
@@ -66,7 +66,7 @@ def test_block_step_is_the_forward_block_and_writes_the_ring_in_place(pipe):
     gen = torch.Generator().manual_seed(2)
     text_kv = dit.text_kv(torch.randn(1, 5, 4096, generator=gen))
     sink = dit.prefill_sink(torch.randn(1, 16, 1, H, W, generator=gen), torch.randn(1, 16, 19, H, W, generator=gen), text_kv)
-    rings = [RingCache(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype) for _ in range(2)]
+    rings = [RingCache.allocate(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype) for _ in range(2)]
     rings[0].keys.normal_(generator=gen)
     rings[0].values.normal_(generator=gen)
     rings[1].load_state_dict(rings[0].state_dict())
@@ -99,7 +99,7 @@ def test_a_step_split_between_layer_ranges_is_the_whole_step(pipe):
     sink = dit.prefill_sink(torch.randn(1, 16, 1, H, W, generator=gen), torch.randn(1, 16, 19, H, W, generator=gen), text_kv)
     cut = 3
     first, second = range(cut), range(cut, c.num_layers)
-    rings = [RingCache(len(part), 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype,
+    rings = [RingCache.allocate(len(part), 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype,
                        first_layer=part.start) for part in (first, second)]
     for k in range(len(whole)):
         x, audio = _inputs(10 + k)
@@ -149,7 +149,7 @@ def test_blocks_kept_resident_give_the_same_velocities_and_are_spread_over_the_d
         sink = streamed.prefill_sink(torch.randn(1, 16, 1, H, W, generator=gen),
                                      torch.randn(1, 16, 19, H, W, generator=gen), text_kv)
         c = streamed.config
-        ring = RingCache(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", streamed.dtype)
+        ring = RingCache.allocate(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", streamed.dtype)
         out = []
         for k, count in enumerate([0, 2, 8, 4, 0, 6]):
             streamer.keep_resident(count)
@@ -215,10 +215,13 @@ def test_fit_resident_blocks_on_a_cuda_device_given_without_index(monkeypatch):
 def test_offloaded_stream_fits_its_blocks_after_one_clip_and_prepare_takes_them_back(pipe, monkeypatch):
     from liveavatar.engine import stream as stream_module
     from liveavatar.engine.pipeline import LiveAvatarPipeline
+    from liveavatar.engine.runtime import RuntimeOptions
+    from liveavatar.engine.steps import StepRunner
 
     dit = copy.deepcopy(pipe.dit)
     streamer = offload.stream_blocks(dit, "cpu")
-    low_memory = LiveAvatarPipeline(dit, pipe.vae, pipe.text_encoder, pipe.audio_encoder, offload_kv=True)
+    low_memory = LiveAvatarPipeline(dit, pipe.vae, pipe.text_encoder, pipe.audio_encoder,
+                                    RuntimeOptions(offload_transformer=True))
     denoised, fitted = [], []
     monkeypatch.setattr(stream_module, "fit_resident_blocks",
                         lambda s: fitted.append(len(denoised)) or s.keep_resident(4))
@@ -238,7 +241,7 @@ def test_offloaded_stream_fits_its_blocks_after_one_clip_and_prepare_takes_them_
         assert streamer.resident_count == 0
 
         # A block whose steps run out of memory with blocks kept resident streams them all again and goes on.
-        real_step = stream_module.AvatarStream.denoise_step
+        real_step = StepRunner.denoise_step
         failures = []
 
         def step_short_of_memory(self, k, step, x, audio):
@@ -247,7 +250,7 @@ def test_offloaded_stream_fits_its_blocks_after_one_clip_and_prepare_takes_them_
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
             return real_step(self, k, step, x, audio)
 
-        monkeypatch.setattr(stream_module.AvatarStream, "denoise_step", step_short_of_memory)
+        monkeypatch.setattr(StepRunner, "denoise_step", step_short_of_memory)
         retried = list(low_memory.stream(cond, StreamSettings(seed=3)).blocks(2))
         assert failures == [4] and streamer.resident_count == 0
         assert streamer.memory_margin == 2 * offload.MEMORY_MARGIN  # the next stream's fit leaves more room
@@ -328,7 +331,7 @@ def test_attention_is_timed_once_per_shape_and_the_fastest_is_used(pipe, monkeyp
         large = pipe.prepare(image, wave, "talking", size="128*128")
     for cond in (small, large, small):
         stream = pipe.stream(cond, StreamSettings(seed=3))
-        times = fastpath.use_fastest_attention(dit, stream)
+        times = fastpath.use_fastest_attention(dit, stream.steps)
     assert timed == [(48, 192, 40), (192, 768, 160)], "each shape timed once"
     assert times == {"CUDNN_ATTENTION": 2.0, "FLASH_ATTENTION by parts": 1.0}
     assert dit.self_attention.func is fastpath._attention_by_parts and dit.self_attention.args == ("FLASH_ATTENTION",)

@@ -81,8 +81,8 @@ def test_quantize_transformer_replaces_the_per_token_layers():
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_fp8_ring_cache_writes_reads_and_snapshots(compute_dtype):
-    ring = RingCache(2, 1, 12, 2, 8, "cpu", E4M3, compute_dtype)
-    plain = RingCache(2, 1, 12, 2, 8, "cpu", torch.float32)
+    ring = RingCache.allocate(2, 1, 12, 2, 8, "cpu", E4M3, compute_dtype)
+    plain = RingCache.allocate(2, 1, 12, 2, 8, "cpu", torch.float32)
     gen = torch.Generator().manual_seed(6)
     for start in (0, 4, 8, 12):  # the last write wraps onto slot 0
         k, v = torch.randn(2, 1, 4, 2, 8, generator=gen)
@@ -92,7 +92,7 @@ def test_fp8_ring_cache_writes_reads_and_snapshots(compute_dtype):
     assert keys.dtype == compute_dtype and keys.shape == (1, 12, 2, 8)
     for mine, ref in zip((keys, values), plain.valid(1, 16)):
         assert float((mine.float() - ref).abs().max() / ref.abs().max()) <= 2.0**-4
-    copy_ = RingCache(2, 1, 12, 2, 8, "cpu", E4M3, compute_dtype)
+    copy_ = RingCache.allocate(2, 1, 12, 2, 8, "cpu", E4M3, compute_dtype)
     copy_.load_state_dict(ring.state_dict())
     for a, b in zip(copy_.valid(1, 16), ring.valid(1, 16)):
         assert torch.equal(a, b)

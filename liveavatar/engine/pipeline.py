@@ -19,16 +19,14 @@ import torch
 
 from liveavatar.engine.audio_source import audio_source_for
 from liveavatar.engine.multi_person import ActorAudio, RoutingMasks, mix_tracks, routing_masks, token_grid
+from liveavatar.engine.runtime import RuntimeOptions, apply_to_transformer, apply_to_vae, choose_attention
 from liveavatar.engine.stream import AvatarStream, StreamSettings, VideoDecoder
 from liveavatar.errors import InputError
 from liveavatar.media import image as image_io
-from liveavatar.models import fastpath
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.dit import MOTION_VIDEO_FRAMES, S2VTransformer
-from liveavatar.models.fp8 import quantize_transformer
-from liveavatar.models.offload import stream_blocks
 from liveavatar.models.taehv import NAME as TINY_DECODER
-from liveavatar.models.taehv import DecoderChoice, TinyDecoder
+from liveavatar.models.taehv import TinyDecoder
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.weights.checkpoint import CheckpointLayout
@@ -61,21 +59,27 @@ class Conditioning:
 
 class LiveAvatarPipeline:
     def __init__(self, dit: S2VTransformer, vae: WanVAE, text_encoder: TextEncoder, audio_encoder: AudioEncoder,
-                 offload_encoders: bool = False, kv_dtype: torch.dtype | None = None, offload_kv: bool = False,
-                 fast: bool = False, tiny_decoder: TinyDecoder | None = None):
-        """kv_dtype, offload_kv: storage of the streams' ring caches (see AvatarStream). fast: the transformer
-        was set up with liveavatar.models.fastpath.compile_transformer; streams then also pick the fastest
-        attention kernel for their shapes. tiny_decoder: the light TAEW2.1 decoder, which then decodes the
-        streams (the VAE still encodes the reference; a stream may still ask for the VAE's decoder)."""
+                 options: RuntimeOptions = RuntimeOptions(), tiny_decoder: TinyDecoder | None = None):
+        """Models as `assemble` left them. options: how they were set up and how the streams run
+        (liveavatar.engine.runtime). tiny_decoder: the light TAEW2.1 decoder, which then decodes the streams (the
+        VAE still encodes the reference; a stream may still ask for the VAE's decoder)."""
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
-        self.offload_encoders = offload_encoders
-        self.kv_dtype, self.offload_kv, self.fast = kv_dtype, offload_kv, fast
+        self.options = options
         self.attention_backend_ms: dict[str, float] = {}  # the fast path's timings of the attention kernels
         # The decoders a stream may use (StreamSettings.decoder), and the one used when it names none.
         self.decoders: dict[str, VideoDecoder] = {"wan": vae}
         if tiny_decoder is not None:
             self.decoders[TINY_DECODER] = tiny_decoder
         self.decoder_name = TINY_DECODER if tiny_decoder is not None else "wan"
+
+    @property
+    def fast(self) -> bool:
+        """Whether the models run the compiled fast path."""
+        return self.options.compile
+
+    @property
+    def offload_encoders(self) -> bool:
+        return self.options.offload_encoders
 
     def decoder_for(self, name: str | None) -> VideoDecoder:
         """The decoder model of that name (None: the pipeline's default); InputError if it was not loaded."""
@@ -105,60 +109,38 @@ class LiveAvatarPipeline:
         device: str | torch.device = "cuda",
         dtype: torch.dtype = torch.bfloat16,
         vae_dtype: torch.dtype | None = None,
-        offload_encoders: bool = False,
-        offload_transformer: bool = False,
-        fp8: bool = False,
-        kv_dtype: torch.dtype | None = None,
-        fast: bool = False,
-        decoder: DecoderChoice = DecoderChoice(),
+        options: RuntimeOptions = RuntimeOptions(),
     ) -> "LiveAvatarPipeline":
-        """Loads the Wan2.2-S2V-14B models and merges the Live Avatar LoRA (default: <ckpt_dir>/LiveAvatar/).
-
-        offload_encoders: text and audio encoders stay in host memory except while they run.
-        offload_transformer: the transformer's blocks and the ring caches stay in pinned host memory and are
-          streamed to the GPU layer by layer (liveavatar.models.offload); for GPUs of 24-48 GB.
-        fp8: FP8 linear layers in the transformer (liveavatar.models.fp8).
-        kv_dtype: storage of the ring caches (torch.float8_e4m3fn halves them).
-        fast: compile the transformer (liveavatar.models.fastpath); the first block then takes a minute more.
-        decoder: the decoder of the streams: the VAE's (default) or the light TAEW2.1 one (liveavatar.models.taehv).
-        """
+        """Loads the Wan2.2-S2V-14B models and merges the Live Avatar LoRA (default: <ckpt_dir>/LiveAvatar/), then
+        applies `options` (speed, memory and the decoder: liveavatar.engine.runtime.RuntimeOptions)."""
         layout = CheckpointLayout.from_dir(ckpt_dir, lora_file)
         device = torch.device(device)
         t0 = time.perf_counter()
         # The cheap, most often misplaced parts first, so a bad folder fails in seconds.
-        tiny = decoder.load(device, dtype)
-        text = TextEncoder.from_pretrained(layout.wan_dir, device="cpu" if offload_encoders else device, dtype=dtype)
-        audio = AudioEncoder.from_pretrained(layout.wav2vec2_dir, device="cpu" if offload_encoders else device,
-                                             dtype=torch.float32)
+        tiny = options.decoder.load(device, dtype)
+        encoders_at = "cpu" if options.offload_encoders else device
+        text = TextEncoder.from_pretrained(layout.wan_dir, device=encoders_at, dtype=dtype)
+        audio = AudioEncoder.from_pretrained(layout.wav2vec2_dir, device=encoders_at, dtype=torch.float32)
         vae = WanVAE.from_checkpoint(layout.vae_file, device=device, dtype=vae_dtype or dtype)
         # Offloaded, the transformer is loaded into host memory and only its small parts go to the device.
         dit = S2VTransformer.from_pretrained(layout.wan_dir, lora_file=layout.lora_file,
-                                             device="cpu" if offload_transformer else device, dtype=dtype)
+                                             device="cpu" if options.offload_transformer else device, dtype=dtype)
         log.info("models loaded in %.1f s (device %s, %s)", time.perf_counter() - t0, device, dtype)
-        return cls.assemble(dit, vae, text, audio, device, offload_encoders, offload_transformer, fp8, kv_dtype, fast,
-                            tiny_decoder=tiny)
+        return cls.assemble(dit, vae, text, audio, device, options, tiny_decoder=tiny)
 
     @classmethod
     def assemble(cls, dit: S2VTransformer, vae: WanVAE, text: TextEncoder, audio: AudioEncoder, device,
-                 offload_encoders: bool = False, offload_transformer: bool = False, fp8: bool = False,
-                 kv_dtype: torch.dtype | None = None, fast: bool = False,
+                 options: RuntimeOptions = RuntimeOptions(),
                  tiny_decoder: TinyDecoder | None = None) -> "LiveAvatarPipeline":
-        """Applies the speed and memory options to loaded models (the transformer on `device`, or on the CPU
-        when offload_transformer)."""
+        """Applies the options to loaded models (the transformer on `device`, or on the CPU when
+        options.offload_transformer)."""
         device = torch.device(device)
-        if fp8:
-            quantize_transformer(dit, run_device=device)
-        if offload_transformer:
-            stream_blocks(dit, device)
-        if fast:
-            fastpath.compile_transformer(dit)
-            fastpath.compile_decoder(vae)
-            # The VAE's convolutions have fixed shapes per resolution: let cuDNN time its algorithms once.
-            torch.backends.cudnn.benchmark = True
-        if offload_encoders:
+        apply_to_transformer(dit, options, device)
+        apply_to_vae(vae, options)
+        if options.offload_encoders:
             text.to("cpu")
             audio.to("cpu")
-        return cls(dit, vae, text, audio, offload_encoders, kv_dtype, offload_transformer, fast, tiny_decoder)
+        return cls(dit, vae, text, audio, options, tiny_decoder)
 
     @torch.no_grad()
     def encode_reference(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,14 +206,9 @@ class LiveAvatarPipeline:
             self._off_device(audio_encoder)
         return Conditioning(height, width, pixels, ref, motion, context, audio, audio.num_clips, wave, routing)
 
-    def stream(self, cond: Conditioning, settings: StreamSettings = StreamSettings(),
-               concurrent_decode: bool = False) -> AvatarStream:
+    def stream(self, cond: Conditioning, settings: StreamSettings = StreamSettings()) -> AvatarStream:
         stream = AvatarStream(self.dit, self.decoder_for(settings.decoder), cond.text_context, cond.ref_latent,
-                              cond.motion_latents, cond.audio, settings, kv_dtype=self.kv_dtype,
-                              offload_kv=self.offload_kv,
-                              cuda_graphs=self.fast and self.device.type == "cuda" and not self.offload_kv,
-                              concurrent_decode=concurrent_decode,
+                              cond.motion_latents, cond.audio, settings, self.options,
                               actor_mask=cond.actor_weights(settings.latent_frames_per_block))
-        if self.fast and self.device.type == "cuda":
-            self.attention_backend_ms = fastpath.use_fastest_attention(self.dit, stream)
+        self.attention_backend_ms = choose_attention(self.dit, self.options, stream.steps)
         return stream

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from liveavatar.engine.pipeline import LiveAvatarPipeline
+from liveavatar.engine.runtime import RuntimeOptions
 from liveavatar.errors import LiveAvatarError
 from liveavatar.models.taehv import DecoderChoice
 
@@ -68,23 +69,27 @@ class Backend:
         mode = " ".join(["--offload_model"] * self.offload_model + ["--fp8"] * self.fp8) or "the default mode (bf16)"
         footprint.check_fits(need, mode, size, footprint.gpu_memory(self.device), footprint.host_memory_available())
 
-    def open(self) -> LiveAvatarPipeline:
-        """Loads the models. On a GPU: the compiled fast path with CUDA graphs, and the encoders off the GPU
-        after use (the bf16 transformer and its caches fill an 80 GB card); --offload_model streams the
-        transformer too. With gpus > 1 the other ranks are started; close() the pipeline to stop them."""
+    @property
+    def options(self) -> RuntimeOptions:
+        """How the models run, from the flags. On a GPU: the compiled fast path with CUDA graphs, and the encoders
+        off the GPU after use (the bf16 transformer and its caches fill an 80 GB card); --offload_model streams
+        the transformer too, with FP8 ring caches in host memory."""
         cuda = self.device.startswith("cuda")
+        return RuntimeOptions(fp8=self.fp8, compile=cuda, offload_encoders=self.offload_model or cuda,
+                              offload_transformer=self.offload_model,
+                              kv_dtype=torch.float8_e4m3fn if self.offload_model else None, decoder=self.decoder)
+
+    def open(self) -> LiveAvatarPipeline:
+        """Loads the models with `options` applied. With gpus > 1 the other ranks are started; close() the pipeline
+        to stop them."""
         if self.gpus != 1:
             from liveavatar.parallel.launch import CheckpointModels, start_pipeline
-            from liveavatar.parallel.worker import DitOptions
 
             return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype, self.decoder), self.gpus,
-                                  sample_steps=self.sample_steps, device_type=self.device, offload_encoders=cuda,
-                                  options=DitOptions(fp8=self.fp8, fast=cuda),
+                                  sample_steps=self.sample_steps, device_type=self.device, options=self.options,
                                   cpu_threads=max(1, torch.get_num_threads() // self.gpus))
-        return LiveAvatarPipeline.from_pretrained(
-            self.ckpt_dir, lora_file=self.lora_file, device=self.device, dtype=self.dtype,
-            offload_encoders=self.offload_model or cuda, offload_transformer=self.offload_model, fp8=self.fp8,
-            kv_dtype=torch.float8_e4m3fn if self.offload_model else None, fast=cuda, decoder=self.decoder)
+        return LiveAvatarPipeline.from_pretrained(self.ckpt_dir, lora_file=self.lora_file, device=self.device,
+                                                  dtype=self.dtype, options=self.options)
 
 
 def _decoder_choice(name: str, path: str | None, ckpt_dir) -> DecoderChoice:

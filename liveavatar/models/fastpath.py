@@ -138,13 +138,13 @@ def time_attention(q_len: int, history_len: int, sink_len: int, heads: int, head
     return times
 
 
-def use_fastest_attention(dit: S2VTransformer, stream) -> dict[str, float]:
-    """Makes the transformer use the fastest self-attention at the shape of `stream` (an AvatarStream, or the
-    part of one a rank runs), with its ring full. Each shape is timed once; its timings (ms per call) are kept
-    on the transformer and returned."""
-    ring = next(r for r in stream.rings if r is not None)
-    shape = (stream.settings.latent_frames_per_block * stream.tokens_per_frame, ring.capacity,
-             stream.sink.keys[0].shape[1])
+def use_fastest_attention(dit: S2VTransformer, steps) -> dict[str, float]:
+    """Makes the transformer use the fastest self-attention at the shapes of `steps` (a StepRunner: a stream's
+    steps, or the share of them a rank runs), with its ring full. Each shape is timed once; its timings (ms per
+    call) are kept on the transformer and returned."""
+    ring = next(r for r in steps.rings if r is not None)
+    shape = (steps.settings.latent_frames_per_block * steps.tokens_per_frame, ring.capacity,
+             steps.sink.keys[0].shape[1])
     if shape not in dit.attention_timings:
         c = dit.config
         times = time_attention(*shape, c.num_heads, c.head_dim, dit.dtype, dit.device)

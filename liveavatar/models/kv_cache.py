@@ -34,22 +34,37 @@ class SinkCache:
 class RingCache:
     """Fixed-size ring of RoPE'd keys and values for one denoising step, all layers."""
 
-    def __init__(self, num_layers: int, batch: int, tokens: int, heads: int, head_dim: int, device, dtype,
-                 compute_dtype: torch.dtype | None = None, first_layer: int = 0):
-        """dtype: storage; compute_dtype: what `valid` returns (default: dtype). With dtype float8_e4m3fn,
-        compute_dtype must be the model's. The ring holds layers first_layer..first_layer+num_layers-1 (a rank
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor,
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None, compute_dtype: torch.dtype | None = None,
+                 first_layer: int = 0):
+        """A ring over the storage given: keys and values [layers, B, tokens, heads, d] and, for FP8 storage,
+        their scales (keys, values) [layers, B, tokens, heads, 1] float32. compute_dtype: what `valid` returns
+        (default: the storage's dtype; the model's with FP8 storage). The ring holds layers first_layer.. (a rank
         of the multi-device pipeline may run only some layers of a step), addressed by the model's layer index."""
-        shape = (num_layers, batch, tokens, heads, head_dim)
+        self.keys, self.values, self.scales = keys, values, scales
         self.first_layer = first_layer
-        self.compute_dtype = compute_dtype or dtype
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.scales: tuple[torch.Tensor, torch.Tensor] | None = None  # (keys, values) [L, B, tokens, heads, 1]
-        if dtype == E4M3:
-            if self.compute_dtype == E4M3:
-                raise ValueError("an FP8 ring cache needs the model's dtype as compute_dtype")
-            self.scales = tuple(torch.ones(shape[:-1] + (1,), device=device, dtype=torch.float32) for _ in range(2))
+        self.compute_dtype = compute_dtype or keys.dtype
+        if (keys.dtype == E4M3) != (scales is not None):
+            raise ValueError("FP8 keys and values need their scales, and only they have scales")
+        if self.compute_dtype == E4M3:
+            raise ValueError("an FP8 ring cache needs the model's dtype as compute_dtype")
         self.written = 0  # absolute token count written so far (the ring is full once written >= tokens)
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch: int, tokens: int, heads: int, head_dim: int, device, dtype,
+                 compute_dtype: torch.dtype | None = None, first_layer: int = 0,
+                 pin_memory: bool = False) -> "RingCache":
+        """A ring with new zeroed storage of `dtype` on `device` (torch.float8_e4m3fn: with scales);
+        pin_memory: page-locked host storage, for copies to a GPU that do not make the host wait."""
+        shape = (num_layers, batch, tokens, heads, head_dim)
+
+        def new(fill, shape, dtype):
+            return torch.full(shape, fill, device=device, dtype=dtype, pin_memory=pin_memory)
+
+        scales = None
+        if dtype == E4M3:
+            scales = (new(1.0, shape[:-1] + (1,), torch.float32), new(1.0, shape[:-1] + (1,), torch.float32))
+        return cls(new(0.0, shape, dtype), new(0.0, shape, dtype), scales, compute_dtype, first_layer)
 
     @property
     def capacity(self) -> int:

@@ -233,8 +233,8 @@ class HostRingCache(RingCache):
     """A RingCache whose storage is in pinned host memory; `write` and `valid` work on a device copy of the
     layer in use, fetched ahead by the `HostRings` that owns it. Only the new block's keys/values go back."""
 
-    def __init__(self, owner: "HostRings", step: int, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, owner: "HostRings", step: int, storage: RingCache):
+        super().__init__(storage.keys, storage.values, storage.scales, storage.compute_dtype)
         self.owner, self.step = owner, step
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -264,12 +264,9 @@ class HostRings:
         self.device, self.num_layers, self.steps = device, num_layers, steps
         self.rings = []
         for step in range(steps):
-            ring = HostRingCache(self, step, num_layers, batch, tokens, heads, head_dim, "cpu", dtype, compute_dtype)
-            if device.type == "cuda":
-                ring.keys, ring.values = ring.keys.pin_memory(), ring.values.pin_memory()
-                if ring.scales is not None:
-                    ring.scales = tuple(s.pin_memory() for s in ring.scales)
-            self.rings.append(ring)
+            storage = RingCache.allocate(num_layers, batch, tokens, heads, head_dim, "cpu", dtype, compute_dtype,
+                                         pin_memory=device.type == "cuda")
+            self.rings.append(HostRingCache(self, step, storage))
         self.layer_bytes = sum(_aligned(t.numel() * t.element_size()) for t in _layer_parts(self.rings[0], 0))
         self.buffers = _Slots(self.layer_bytes, 2, device)
         self._views = [_layer_views(b, self.rings[0]) for b in self.buffers.buffers]
@@ -347,10 +344,7 @@ def _layer_views(buffer: torch.Tensor, ring: RingCache) -> list[torch.Tensor]:
 
 def _view_ring(views: list[torch.Tensor], like: RingCache) -> RingCache:
     """A one-layer RingCache over device views (no allocation)."""
-    ring = RingCache.__new__(RingCache)
-    ring.first_layer = 0
-    ring.compute_dtype = like.compute_dtype
-    ring.keys, ring.values = views[0][None], views[1][None]
-    ring.scales = (views[2][None], views[3][None]) if like.scales is not None else None
+    scales = (views[2][None], views[3][None]) if like.scales is not None else None
+    ring = RingCache(views[0][None], views[1][None], scales, like.compute_dtype)
     ring.written = like.written
     return ring

@@ -23,8 +23,9 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from liveavatar.engine.device_io import synchronize
+from liveavatar.engine.runtime import RuntimeOptions, apply_to_vae
 from liveavatar.errors import LiveAvatarError
-from liveavatar.models import fastpath
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.dit import S2VConfig, S2VTransformer
 from liveavatar.models.taehv import DecoderChoice, TinyDecoder
@@ -32,7 +33,7 @@ from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.parallel.pipeline import ParallelPipeline
 from liveavatar.parallel.schedule import DECODE_COST, LIGHT_DECODE_COST, Schedule
-from liveavatar.parallel.worker import DitOptions, RankTransformer, serve, synchronize
+from liveavatar.parallel.worker import RankTransformer, serve
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +110,14 @@ def start_pipeline(
     world_size: int,
     sample_steps: int = 4,
     device_type: str = "cuda",
-    offload_encoders: bool = False,
-    options: DitOptions = DitOptions(),
+    options: RuntimeOptions = RuntimeOptions(),
     cpu_threads: int | None = None,
     op_timeout: timedelta = DEFAULT_OP_TIMEOUT,
     decode_cost: float | None = None,
 ) -> ParallelPipeline:
     """Spawns ranks 0..world_size-2, makes this process the output rank, and returns its pipeline once every
-    rank has loaded its models. options: the transformer's speed options, on every rank. cpu_threads: torch
+    rank has loaded its models. options: how the models run (the transformer's options on every rank; the
+    encoders' and the VAE's here; the ranks never stream blocks from host memory). cpu_threads: torch
     threads per rank on the CPU (default: the cores shared out). decode_cost: a block's decode in denoising
     steps, for sharing the work out evenly (liveavatar.parallel.schedule); None (the default) starts from
     the models' estimate (models.decode_cost()) and cuts again after every stream with the cost measured in it."""
@@ -145,11 +146,9 @@ def start_pipeline(
         transformer = RankTransformer(models.load_dit(device), options) if schedule.parts_of(rank) else None
         vae = models.load_vae(device)
         tiny_decoder = models.load_tiny_decoder(device)
-        if options.fast:  # as LiveAvatarPipeline.assemble: the VAE's convolutions have fixed shapes per resolution
-            fastpath.compile_decoder(vae)
-            torch.backends.cudnn.benchmark = True
+        apply_to_vae(vae, options)
         text, audio = models.load_encoders(device)
-        if offload_encoders:
+        if options.offload_encoders:
             for encoder in (text, audio):
                 if encoder is not None:
                     encoder.to("cpu")
@@ -161,11 +160,11 @@ def start_pipeline(
             dist.destroy_process_group()
         raise
     log.info("%d ranks ready: %s", world_size, "; ".join(f"rank {r}: {schedule.describe(r)}" for r in range(world_size)))
-    return ParallelPipeline(transformer, vae, text, audio, schedule, job_group, host_group, processes, offload_encoders,
+    return ParallelPipeline(transformer, vae, text, audio, schedule, job_group, host_group, processes, options,
                             recut=decode_cost is None, tiny_decoder=tiny_decoder)
 
 
-def _run_rank(rank: int, schedule: Schedule, port: int, models: ModelSource, options: DitOptions, device_type: str,
+def _run_rank(rank: int, schedule: Schedule, port: int, models: ModelSource, options: RuntimeOptions, device_type: str,
               cpu_threads: int | None, op_timeout: timedelta) -> None:
     """A spawned denoising rank, from start to shutdown."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")

@@ -36,18 +36,17 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from liveavatar.engine.device_io import BusyClock, busy_summary, peak_memory_gb, synchronize, to_host, to_uint8_frames
 from liveavatar.engine.pipeline import Conditioning, LiveAvatarPipeline
-from liveavatar.engine.stream import Block, StreamSettings, _to_uint8_frames, decode_video, start_decoder, total_blocks
+from liveavatar.engine.runtime import RuntimeOptions
+from liveavatar.engine.stream import Block, StreamSettings, decode_video, start_decoder, total_blocks
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.models.audio_encoder import AudioEncoder
 from liveavatar.models.taehv import TinyDecoder
 from liveavatar.models.text_encoder import TextEncoder
 from liveavatar.models.vae import WanVAE
 from liveavatar.parallel.schedule import Schedule
-from liveavatar.parallel.worker import (
-    BlockWork, BusyClock, Job, RankTransformer, busy_summary, peak_memory_gb, receiver_of, run_blocks,
-    send_block_work, synchronize, to_host,
-)
+from liveavatar.parallel.worker import BlockWork, Job, RankTransformer, receiver_of, run_blocks, send_block_work
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +93,10 @@ class ParallelPipeline(LiveAvatarPipeline):
 
     def __init__(self, transformer: RankTransformer | None, vae: WanVAE, text_encoder: TextEncoder | None,
                  audio_encoder: AudioEncoder | None, schedule: Schedule, job_group, host_group, processes,
-                 offload_encoders: bool = False, recut: bool = False, tiny_decoder: TinyDecoder | None = None):
+                 options: RuntimeOptions = RuntimeOptions(), recut: bool = False,
+                 tiny_decoder: TinyDecoder | None = None):
         dit = None if transformer is None else transformer.dit
-        super().__init__(dit, vae, text_encoder, audio_encoder, offload_encoders,
-                         fast=transformer is not None and transformer.options.fast, tiny_decoder=tiny_decoder)
+        super().__init__(dit, vae, text_encoder, audio_encoder, options, tiny_decoder)
         self.transformer = transformer
         self.schedule, self.job_group, self.host_group = schedule, job_group, host_group
         # Cut the work again after each stream from the stage times measured in it (not when this rank holds no
@@ -380,9 +379,9 @@ class ParallelStream:
         cond, device = self.cond, self.pipe.vae.device
         parts = self.schedule.parts_of(self.rank)
         if parts:
-            self._part = self.pipe.transformer.stream_part(cond.text_context, cond.ref_latent, cond.motion_latents,
-                                                           cond.audio, self.settings, parts, cuda_graphs=False,
-                                                           actor_mask=self._job.actor_mask)
+            self._part = self.pipe.transformer.steps_of(cond.text_context, cond.ref_latent, cond.motion_latents,
+                                                        self.settings, parts, cuda_graphs=False,
+                                                        actor_mask=self._job.actor_mask)
         self._decoder = start_decoder(self.pipe.decoder_for(self.settings.decoder), cond.motion_latents.to(device))
         synchronize(device)  # once per stream, so that the time is the set-up's own
         self._setup_ms = (time.perf_counter() - t0) * 1000
@@ -397,7 +396,7 @@ class ParallelStream:
         if self._cancelled.is_set():
             return  # nothing more is decoded
         self._decode_clock.start()
-        frames = _to_uint8_frames(decode_video(self._decoder, k, x))
+        frames = to_uint8_frames(decode_video(self._decoder, k, x))
         self._decode_clock.stop()
         item = (k, to_host(frames), to_host(x.float()))
         ready = torch.cuda.Event() if self._cuda else None

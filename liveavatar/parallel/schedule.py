@@ -26,7 +26,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from liveavatar.engine.stream import StepPart
+from liveavatar.engine.steps import StepPart
 
 # The decode of a block against one denoising step, both on the same GPU, at 704x384 with the fast path:
 # FP8 137 ms vs 180 ms on an H200, 148 vs 187 ms on an H100; bf16 135 vs 211 ms (docs/benchmarks.md).

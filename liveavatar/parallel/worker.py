@@ -17,51 +17,39 @@ Two process groups connect the ranks:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from liveavatar.engine.stream import AvatarStream, StepPart, StreamSettings
-from liveavatar.models import fastpath
+from liveavatar.engine.device_io import BusyClock, busy_summary, peak_memory_gb, synchronize, to_device
+from liveavatar.engine.runtime import RuntimeOptions, apply_to_transformer, choose_attention
+from liveavatar.engine.steps import StepPart, StepRunner
+from liveavatar.engine.stream import StreamSettings
 from liveavatar.models.dit import S2VTransformer
-from liveavatar.models.fp8 import quantize_transformer
 from liveavatar.parallel.schedule import Schedule
 
 LATENT_CHANNELS = 16
 _END = -1  # block index of the message that ends a job
 
 
-@dataclass(frozen=True)
-class DitOptions:
-    """The speed options of the transformer, as LiveAvatarPipeline.from_pretrained takes them."""
-
-    fp8: bool = False  # FP8 linear layers (liveavatar.models.fp8)
-    fast: bool = False  # compiled regions, fastest attention kernel, CUDA-graphed steps (liveavatar.models.fastpath)
-
-
 class RankTransformer:
-    """A rank's transformer with the pipeline's options applied, and the parts of streams it runs."""
+    """A rank's transformer with the pipeline's runtime options applied, and the shares of streams it runs."""
 
-    def __init__(self, dit: S2VTransformer, options: DitOptions):
-        if options.fp8:
-            quantize_transformer(dit, run_device=dit.device)
-        if options.fast:
-            fastpath.compile_transformer(dit)
+    def __init__(self, dit: S2VTransformer, options: RuntimeOptions):
+        apply_to_transformer(dit, options, dit.device)
         self.dit, self.options = dit, options
 
-    def stream_part(self, text_context, ref_latent, motion_latents, audio, settings: StreamSettings,
-                    parts: list[StepPart], cuda_graphs: bool, actor_mask: torch.Tensor | None = None) -> AvatarStream:
-        """The share of a stream this rank runs: the caches of its steps' layers. cuda_graphs: replay its steady
-        steps as CUDA graphs (with the fast path), where no other thread of the process uses the GPU meanwhile
-        (a capture forbids that). actor_mask: the actors' injection weights of a multi-person stream."""
-        cuda = self.dit.device.type == "cuda"
-        part = AvatarStream(self.dit, None, text_context, ref_latent, motion_latents, audio, settings,
-                            cuda_graphs=cuda_graphs and self.options.fast and cuda, parts=parts, actor_mask=actor_mask)
-        if self.options.fast and cuda:  # as LiveAvatarPipeline.stream
-            fastpath.use_fastest_attention(self.dit, part)
-        return part
+    def steps_of(self, text_context, ref_latent, motion_latents, settings: StreamSettings, parts: list[StepPart],
+                 cuda_graphs: bool, actor_mask: torch.Tensor | None = None) -> StepRunner:
+        """The share of a stream's steps this rank runs: the caches of its steps' layers. cuda_graphs: replay its
+        steady steps as CUDA graphs (as the options say), where no other thread of the process uses the GPU
+        meanwhile (a capture forbids that). actor_mask: the actors' injection weights of a multi-person stream."""
+        options = self.options if cuda_graphs else replace(self.options, cuda_graphs=False)
+        steps = StepRunner(self.dit, text_context, ref_latent, motion_latents, settings, options, parts, actor_mask)
+        choose_attention(self.dit, options, steps)  # as LiveAvatarPipeline.stream
+        return steps
 
 
 @dataclass
@@ -190,81 +178,8 @@ def receiver_of(schedule: Schedule, rank: int, job: Job, dim: int | None, device
 
 
 # ---------------------------------------------------------------------------------------------- the loop
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """The allocator's peak on this rank's GPU so far (models, caches and activations; 0 on the CPU)."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-
-
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """Starts the copy of a GPU tensor into pinned host memory (complete once the current stream gets there,
-    so the host need not wait here); a CPU tensor as it is."""
-    if t.device.type != "cuda":
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return out.copy_(t, non_blocking=True)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without making the host wait for the work queued on the device (from pinned memory);
-    the CPU keeps the tensor as it is."""
-    if device.type != "cuda":
-        return t
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
-
-
-class BusyClock:
-    """When a rank's stage was busy, for its stage time and idle fraction. On a GPU the marks are CUDA events
-    on the stream that runs the work (read after the job, so timing never makes the host wait); on the CPU,
-    where the work is synchronous, the wall clock. Clocks that share an origin can be read together."""
-
-    def __init__(self, device: torch.device, origin=None):
-        self.cuda = device.type == "cuda"
-        self.origin = self._mark() if origin is None else origin
-        self._marks: list[tuple] = []
-        self._start = None
-
-    def _mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def start(self) -> None:
-        self._start = self._mark()
-
-    def stop(self) -> None:
-        self._marks.append((self._start, self._mark()))
-
-    def intervals_ms(self) -> list[tuple[float, float]]:
-        """The busy intervals, in ms since the origin (waits for the GPU to reach them)."""
-        if not self.cuda:
-            return [((a - self.origin) * 1000, (b - self.origin) * 1000) for a, b in self._marks]
-        out = []
-        for a, b in self._marks:
-            b.synchronize()
-            out.append((self.origin.elapsed_time(a), self.origin.elapsed_time(b)))
-        return out
-
-
-def busy_summary(intervals: list[tuple[float, float]], blocks: int | None = None) -> dict:
-    """stage_ms: mean busy time per block; idle_fraction: the share of the time from the first start to the
-    last end that the stage waited (for latents from upstream, or for downstream to take them)."""
-    if not intervals:
-        return {"blocks": 0, "stage_ms": 0.0, "idle_fraction": 0.0}
-    blocks = len(intervals) if blocks is None else blocks
-    busy = sum(b - a for a, b in intervals)
-    span = max(b for _, b in intervals) - min(a for a, _ in intervals)
-    return {"blocks": blocks, "stage_ms": busy / blocks, "idle_fraction": max(0.0, 1 - busy / span) if span > 0 else 0.0}
-
-
 def run_blocks(
-    stream: AvatarStream | None,
+    steps: StepRunner | None,
     take: Callable[[], BlockWork | None],
     receive: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None,
     deliver: Callable[[int, torch.Tensor, torch.Tensor | None], None],
@@ -272,25 +187,25 @@ def run_blocks(
 ) -> float:
     """One rank's share of a job: for every block it is given, take the latents (noise on rank 0, else what
     the previous rank sent, with the residual stream of a step it continues), run this rank's parts of the
-    denoising steps (none on a dedicated decode rank: stream None) and deliver the result. Returns the time
+    denoising steps (none on a dedicated decode rank: steps None) and deliver the result. Returns the time
     spent prefilling the sink again (ms)."""
     sink_ms = 0.0
     while (work := take()) is not None:
         k = work.block
-        if stream is not None and work.new_ref is not None:
+        if steps is not None and work.new_ref is not None:
             t0 = time.perf_counter()
-            stream.replace_sink(work.new_ref)
-            synchronize(stream.dit.device)  # once per job, so that the time is the prefill's own
+            steps.replace_sink(work.new_ref)
+            synchronize(steps.dit.device)  # once per job, so that the time is the prefill's own
             sink_ms = (time.perf_counter() - t0) * 1000
         if receive is None:
-            x, tokens = to_device(stream.noise_for_block(k), stream.dit.device), None
+            x, tokens = to_device(steps.noise_for_block(k), steps.dit.device), None
         else:
             x, tokens = receive()
-        if stream is not None:
-            audio = to_device(work.audio, stream.dit.device)
+        if steps is not None:
+            audio = to_device(work.audio, steps.dit.device)
             clock.start()
-            for part in stream.parts:
-                x, tokens = stream.denoise_part(k, part, x, tokens, audio)
+            for part in steps.parts:
+                x, tokens = steps.denoise_part(k, part, x, tokens, audio)
             clock.stop()
         deliver(k, x, tokens)
     return sink_ms
@@ -315,15 +230,15 @@ def run_job_share(transformer: RankTransformer, schedule: Schedule, rank: int, j
     """This denoising rank's part of one job; returns its timings."""
     device = transformer.dit.device
     t0 = time.perf_counter()
-    stream = transformer.stream_part(job.text_context, job.ref_latent, job.motion_latents, None, job.settings,
-                                     schedule.parts_of(rank), cuda_graphs=True, actor_mask=job.actor_mask)
+    steps = transformer.steps_of(job.text_context, job.ref_latent, job.motion_latents, job.settings,
+                                 schedule.parts_of(rank), cuda_graphs=True, actor_mask=job.actor_mask)
     synchronize(device)
     setup_ms = (time.perf_counter() - t0) * 1000
     receive = receiver_of(schedule, rank, job, transformer.dit.config.dim, device, job_group)
     sender = LatentSender(schedule.next(rank), job_group)
     clock = BusyClock(device)
     take = block_work_receiver(schedule.output_rank, job, device, host_group)
-    sink_ms = run_blocks(stream, take, receive, lambda k, x, tokens: sender.send(x, tokens), clock)
+    sink_ms = run_blocks(steps, take, receive, lambda k, x, tokens: sender.send(x, tokens), clock)
     sender.flush()
     return {"rank": rank, "role": schedule.describe(rank), "setup_ms": setup_ms, "sink_refill_ms": sink_ms,
             "peak_memory_gb": peak_memory_gb(device), **busy_summary(clock.intervals_ms())}

@@ -19,7 +19,7 @@ pytest.importorskip("gradio")
 from liveavatar.engine.job import JobSpec, run_job  # noqa: E402
 from liveavatar.engine.live import LiveSession, SessionOptions  # noqa: E402
 from liveavatar.engine.pipeline import LiveAvatarPipeline  # noqa: E402
-from liveavatar.engine.worker import DONE, EngineWorker, SessionTask  # noqa: E402
+from liveavatar.engine.worker import EngineWorker, SessionTask, TaskState  # noqa: E402
 from liveavatar.interfaces import cli  # noqa: E402
 from liveavatar.interfaces.app import build_app  # noqa: E402
 from liveavatar.interfaces.backend import Backend  # noqa: E402
@@ -108,7 +108,7 @@ def test_live_session_on_two_processes(service):
     assert sum(b.speech_samples + b.dropped_samples for b in blocks) == len(speech)
     assert blocks[4].speech_samples == 0  # after the speech: idle
     deadline = time.monotonic() + WAIT_S
-    while task.state != DONE:
+    while task.state != TaskState.DONE:
         assert time.monotonic() < deadline, task.state
         time.sleep(0.1)
 

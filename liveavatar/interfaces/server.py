@@ -55,7 +55,7 @@ from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec, check_speakers, 
 from liveavatar.engine.multi_person import Speakers
 from liveavatar.engine.live import LAG_BOUND_S, LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
 from liveavatar.engine.realtime import ON_SLOW, Realtime, SpeedTable, machine_name
-from liveavatar.engine.worker import FINISHED, JobTask, QueueFull, SessionTask, EngineWorker
+from liveavatar.engine.worker import EngineWorker, JobTask, QueueFull, SessionTask, TaskState
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.media import audio as audio_io
 from liveavatar.media import image as image_io
@@ -263,7 +263,7 @@ async def _follow_file(task: JobTask, output: Path):
             except FileNotFoundError:
                 continue
         if handle is None:
-            if task.state in FINISHED:
+            if task.state.finished:
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
     with handle:
@@ -272,7 +272,7 @@ async def _follow_file(task: JobTask, output: Path):
             if chunk:
                 yield chunk
                 continue
-            if task.state in FINISHED:
+            if task.state.finished:
                 while chunk := handle.read(FOLLOW_CHUNK):  # what was written before the end was seen
                     yield chunk
                 return
@@ -406,7 +406,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.get("/jobs/{job_id}/video", response_class=FileResponse)
     def job_video(job_id: str):
         task = job(job_id)
-        if task.state != "done":
+        if task.state != TaskState.DONE:
             hint = f": {task.error}" if task.error else " (its live output is at /jobs/{id}/live)".format(id=job_id)
             raise HTTPException(409, f"job {job_id} is {task.state}{hint}")
         return FileResponse(task.spec.output, media_type="video/mp4", filename=f"liveavatar-{job_id}.mp4")
@@ -414,7 +414,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.get("/jobs/{job_id}/live", response_class=StreamingResponse)
     def job_live(job_id: str):
         task = job(job_id)
-        if task.state in ("failed", "cancelled") and task.progress is None:
+        if task.state in (TaskState.FAILED, TaskState.CANCELLED) and task.progress is None:
             raise HTTPException(409, f"job {job_id} is {task.state} and produced no video" +
                                 (f": {task.error}" if task.error else ""))
         return StreamingResponse(_follow_file(task, task.spec.output), media_type="video/mp4",
@@ -423,7 +423,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.post("/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict:
         task = job(job_id)
-        if task.state in FINISHED:
+        if task.state.finished:
             raise HTTPException(409, f"job {job_id} is already {task.state}")
         worker.cancel(task)
         return _job_view(worker, task)
@@ -515,7 +515,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.get("/sessions/{session_id}/video", response_class=StreamingResponse)
     def session_video(session_id: str):
         task = session_task(session_id)
-        if task.state in FINISHED:
+        if task.state.finished:
             raise HTTPException(409, f"session {session_id} has ended")
 
         async def follow():
@@ -538,7 +538,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.websocket("/sessions/{session_id}/ws")
     async def session_socket(websocket: WebSocket, session_id: str):
         task = worker.tasks.get(session_id)
-        if not isinstance(task, SessionTask) or task.state in FINISHED or task.connected:
+        if not isinstance(task, SessionTask) or task.state.finished or task.connected:
             await websocket.close(code=4404, reason=f"no open session {session_id} without a client")
             return
         task.connected = True

@@ -43,6 +43,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,8 @@ from fastapi.staticfiles import StaticFiles
 from liveavatar import tts
 from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec, check_speakers, synthesize_text
 from liveavatar.engine.multi_person import Speakers
-from liveavatar.engine.live import LAG_BOUND_S, LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
+from liveavatar.engine.live import (LAG_BOUND_S, BlockPublished, LiveBlock, LiveSession, SessionEnded, SessionEvent,
+                                   SessionMessage, SessionOptions, SpeechQueueFull, VideoStarted, mime_type)
 from liveavatar.engine.realtime import ON_SLOW, Realtime, SpeedTable, machine_name
 from liveavatar.engine.worker import EngineWorker, JobTask, QueueFull, SessionTask, TaskState
 from liveavatar.errors import InputError, LiveAvatarError
@@ -279,12 +281,20 @@ async def _follow_file(task: JobTask, output: Path):
             await asyncio.sleep(FOLLOW_POLL_S)
 
 
+@dataclass(frozen=True)
+class SpeakerEvent:
+    """What a session's text speaker reports (liveavatar.tts.speaker): a sentence queued, or one it could not
+    synthesise; a JSON event for the client, sent among the session's own."""
+
+    message: dict
+
+
 def _subscribe_async(session: LiveSession) -> tuple[asyncio.Queue, object]:
     """An asyncio queue that receives the session's events (they come from the engine thread)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
-    def deliver(event):
+    def deliver(event: SessionEvent):
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     session.subscribe(deliver)
@@ -523,12 +533,10 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
             try:
                 while True:
                     event = await events.get()
-                    if event[0] == "init":
-                        yield event[1]
-                    elif event[0] == "block":
-                        yield event[2]
-                    elif event[0] == "end":
-                        yield event[2]
+                    if isinstance(event, (VideoStarted, BlockPublished)):
+                        yield event.data
+                    elif isinstance(event, SessionEnded):
+                        yield event.data
                         return
             finally:
                 task.session.unsubscribe(deliver)
@@ -551,23 +559,23 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         engine, voice = session_voices.pop(session_id, (None, None))
         # Text messages are synthesised sentence by sentence on the speaker's thread; its events join the others.
         speaker = TextSpeaker(task.session, engine, voice,
-                              on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, ("speech", event)))
+                              on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, SpeakerEvent(event)))
 
         async def send_events():
             while True:
                 event = await events.get()
-                if event[0] == "init":
-                    await websocket.send_text(json.dumps({"type": "init", "mime": mime_type(event[1])}))
-                    await websocket.send_bytes(event[1])
-                elif event[0] == "block":
-                    await websocket.send_text(_block_json(event[1]))
-                    await websocket.send_bytes(event[2])
-                elif event[0] in ("speech", "message"):  # a sentence of text queued; what the session decided
-                    await websocket.send_text(json.dumps(event[1]))
-                else:
-                    if event[2]:
-                        await websocket.send_bytes(event[2])
-                    await websocket.send_text(json.dumps({"type": "end", "error": event[1]}))
+                if isinstance(event, VideoStarted):
+                    await websocket.send_text(json.dumps({"type": "init", "mime": mime_type(event.data)}))
+                    await websocket.send_bytes(event.data)
+                elif isinstance(event, BlockPublished):
+                    await websocket.send_text(_block_json(event.info))
+                    await websocket.send_bytes(event.data)
+                elif isinstance(event, (SpeakerEvent, SessionMessage)):
+                    await websocket.send_text(json.dumps(event.message))
+                elif isinstance(event, SessionEnded):
+                    if event.data:
+                        await websocket.send_bytes(event.data)
+                    await websocket.send_text(json.dumps({"type": "end", "error": event.error}))
                     return
 
         async def receive_speech():

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 from benchmarks.random_models import SCALES, build_pipeline  # noqa: E402
 from benchmarks.report import emit  # noqa: E402
 from liveavatar.engine import calibration  # noqa: E402
-from liveavatar.engine.live import LAG_BOUND_S, LiveSession, SessionOptions  # noqa: E402
+from liveavatar.engine.live import (LAG_BOUND_S, BlockPublished, LiveSession, SessionEnded,  # noqa: E402
+                                   SessionMessage, SessionOptions)
 from liveavatar.engine.realtime import (  # noqa: E402
     CANDIDATE_SIZES, CANDIDATE_STEPS, STEADY_FROM, Realtime, SpeedTable, machine_name,
 )
@@ -110,17 +111,17 @@ def run_session(pipe, realtime: Realtime | None, options: SessionOptions, pushed
     def watch():
         while True:
             event = events.get()
-            if event[0] == "block":
-                blocks.append(event[1])
-                b = event[1]
+            if isinstance(event, BlockPublished):
+                blocks.append(event.info)
+                b = event.info
                 if close_after_blocks is not None and len(blocks) >= close_after_blocks:
                     session.close()
                 elif pushed is not None and done.is_set() and b.speech_end >= len(pushed) and \
                         len(blocks) >= 2 and not blocks[-2].speech_samples and not b.speech_samples:
                     session.close()
-            elif event[0] == "message":
-                messages.append(event[1])
-            elif event[0] == "end":
+            elif isinstance(event, SessionMessage):
+                messages.append(event.message)
+            elif isinstance(event, SessionEnded):
                 return
 
     watcher = threading.Thread(target=watch, daemon=True)

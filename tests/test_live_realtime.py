@@ -15,7 +15,8 @@ import torch
 from conftest import CKPT, REPO, requires_golden
 
 from liveavatar.engine.calibration import calibrate, synthetic_speech
-from liveavatar.engine.live import KEEP_PAUSE_S, LiveSession, SessionOptions
+from liveavatar.engine.live import (KEEP_PAUSE_S, BlockPublished, LiveSession, SessionEnded, SessionMessage,
+                                   SessionOptions, VideoStarted)
 from liveavatar.engine.pipeline import LiveAvatarPipeline
 from liveavatar.engine.realtime import Realtime, SpeedTable
 
@@ -87,21 +88,21 @@ def run_session(pipe, session, pushed, done):
     while end is None:
         event = events.get(timeout=max(1.0, deadline - time.monotonic()))
         assert time.monotonic() < deadline, "the session did not finish in time"
-        if event[0] == "init":
-            video += event[1]
-        elif event[0] == "block":
-            blocks.append(event[1])
-            video += event[2]
+        if isinstance(event, VideoStarted):
+            video += event.data
+        elif isinstance(event, BlockPublished):
+            blocks.append(event.info)
+            video += event.data
             if not pusher.is_alive() and done(blocks):
                 session.close()
-        elif event[0] == "message":
-            messages.append(event[1])
-        elif event[0] == "end":
-            video += event[2]
+        elif isinstance(event, SessionMessage):
+            messages.append(event.message)
+        elif isinstance(event, SessionEnded):
+            video += event.data
             end = event
     runner.join(60)
     pusher.join(10)
-    assert end[1] is None, end[1]
+    assert end.error is None, end.error
     return blocks, messages, bytes(video)
 
 

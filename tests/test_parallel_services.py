@@ -17,9 +17,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("gradio")
 
 from liveavatar.engine.job import JobSpec, run_job  # noqa: E402
-from liveavatar.engine.live import LiveSession, SessionOptions  # noqa: E402
+from liveavatar.engine.live import BlockPublished, LiveSession, SessionEnded, SessionOptions  # noqa: E402
 from liveavatar.engine.pipeline import LiveAvatarPipeline  # noqa: E402
-from liveavatar.engine.worker import DONE, EngineWorker, SessionTask  # noqa: E402
+from liveavatar.engine.worker import EngineWorker, SessionTask, TaskState  # noqa: E402
 from liveavatar.interfaces import cli  # noqa: E402
 from liveavatar.interfaces.app import build_app  # noqa: E402
 from liveavatar.interfaces.backend import Backend  # noqa: E402
@@ -95,20 +95,20 @@ def test_live_session_on_two_processes(service):
     deadline = time.monotonic() + WAIT_S
     while end is None:
         event = events.get(timeout=max(1.0, deadline - time.monotonic()))
-        if event[0] == "block":
-            blocks.append(event[1])
+        if isinstance(event, BlockPublished):
+            blocks.append(event.info)
             if len(blocks) == 5:
                 session.close()
-        elif event[0] == "end":
+        elif isinstance(event, SessionEnded):
             end = event
-    assert end[1] is None, end[1]
+    assert end.error is None, end.error
     assert [b.index for b in blocks[:5]] == list(range(5))
     # In order, nothing lost or twice (a session behind real time may drop pauses: dropped_samples).
     assert [b.speech_start for b in blocks[:3]] == [0] + [b.speech_end for b in blocks[:2]]
     assert sum(b.speech_samples + b.dropped_samples for b in blocks) == len(speech)
     assert blocks[4].speech_samples == 0  # after the speech: idle
     deadline = time.monotonic() + WAIT_S
-    while task.state != DONE:
+    while task.state != TaskState.DONE:
         assert time.monotonic() < deadline, task.state
         time.sleep(0.1)
 

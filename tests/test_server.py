@@ -23,7 +23,8 @@ pytest.importorskip("fastapi")
 from websockets.sync.client import connect  # noqa: E402
 
 from liveavatar.engine.live import (  # noqa: E402
-    JITTER_S, LiveMP4Muxer, LiveSession, LiveSpeech, SessionClosed, SessionOptions, init_segment_length, mime_type,
+    JITTER_S, BlockPublished, LiveMP4Muxer, LiveSession, LiveSpeech, SessionClosed, SessionOptions, init_segment_length,
+    mime_type,
 )
 from liveavatar.engine.pipeline import LiveAvatarPipeline  # noqa: E402
 from liveavatar.engine.worker import EngineWorker  # noqa: E402
@@ -354,7 +355,7 @@ def test_live_session_sound_track_has_every_pushed_sample(pipe):
 
     def collect(event):
         events.append(event)
-        if event[0] == "block" and event[1].index == 3:
+        if isinstance(event, BlockPublished) and event.info.index == 3:
             session.close()
 
     session.subscribe(collect)
@@ -362,7 +363,7 @@ def test_live_session_sound_track_has_every_pushed_sample(pipe):
     pushed = np.convolve(rng.normal(0, 0.2, 16000), np.ones(8) / 8, "same").astype(np.float32)  # 1 s, below 2 kHz
     session.push(pushed)
     session.run(pipe)
-    data = b"".join(e[1] if e[0] == "init" else e[2] for e in events)
+    data = b"".join(e.data for e in events)
     with av.open(io.BytesIO(data)) as container:
         rate = container.streams.audio[0].codec_context.sample_rate
         sound = np.concatenate([f.to_ndarray()[0] for f in container.decode(audio=0)])

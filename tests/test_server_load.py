@@ -29,7 +29,7 @@ from test_server import serve_in_thread  # noqa: E402
 
 from liveavatar.engine.job import JobSpec, run_job  # noqa: E402
 from liveavatar.engine.pipeline import LiveAvatarPipeline  # noqa: E402
-from liveavatar.engine.worker import FINISHED, EngineWorker, Task  # noqa: E402
+from liveavatar.engine.worker import EngineWorker, Task, TaskState  # noqa: E402
 from liveavatar.errors import LiveAvatarError  # noqa: E402
 from liveavatar.interfaces.server import create_app  # noqa: E402
 from liveavatar.media.video import read_video  # noqa: E402
@@ -118,7 +118,7 @@ def submit(http, client: int, seed: int, prompt: str = "A person is talking."):
 def wait_finished(http, job_id: str) -> dict:
     for _ in range(int(MAX_WAIT_S / POLL_S)):
         status = http.get(f"/jobs/{job_id}").json()
-        if status["state"] in FINISHED:
+        if TaskState(status["state"]).finished:
             return status
         time.sleep(POLL_S)
     raise AssertionError(f"job {job_id} never finished")
@@ -212,7 +212,7 @@ def test_fifty_clients_every_job_done_or_refused_none_lost_or_mixed_up(server, p
     # Nothing is left running or queued, and each job's folder holds its video only (inputs, resume states gone).
     health = httpx.get(f"{url}/health").json()
     assert health["queued"] == 0 and health["running"] is None
-    assert all(task.state in FINISHED for task in worker.tasks.values())
+    assert all(task.state.finished for task in worker.tasks.values())
     expected = {}
     for r in accepted:
         if r["status"]["state"] == "done":
@@ -366,7 +366,7 @@ def test_forgotten_tasks_take_their_folders_with_them(pipe, tmp_path):
             (folder / "image").write_bytes(b"x")
             task = worker.submit(_MakeVideo(kind="video", folder=folder))
             for _ in range(int(MAX_WAIT_S / POLL_S)):
-                if task.state in FINISHED:
+                if task.state.finished:
                     break
                 time.sleep(POLL_S)
         assert list(worker.tasks) == [task.id]

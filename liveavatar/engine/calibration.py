@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from liveavatar.engine.live import SAMPLE_RATE, LiveSession, SessionOptions
+from liveavatar.engine.live import SAMPLE_RATE, BlockPublished, LiveSession, SessionOptions
 from liveavatar.engine.realtime import STEADY_FROM, Realtime, preference_order
 from liveavatar.engine.worker import Task
 
@@ -65,7 +65,7 @@ def measure(pipe, realtime: Realtime, size: str, steps: int, blocks: int = CALIB
         session.push(synthetic_speech((blocks + 1) * BLOCK_SECONDS))
 
         def count(event):
-            if event[0] == "block" and event[1].index >= blocks - 1:
+            if isinstance(event, BlockPublished) and event.info.index >= blocks - 1:
                 session.close()
 
         session.subscribe(count)

@@ -510,6 +510,40 @@ class LiveBlock:
 
 
 @dataclass(frozen=True)
+class VideoStarted:
+    """A viewer's first bytes: the MP4 init segment (for a viewer joining late, followed by the newest block's
+    fragments so far, from its keyframe)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class BlockPublished:
+    """A block out: what it is, and its MP4 bytes."""
+
+    info: LiveBlock
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SessionMessage:
+    """What the session decided (the size it picked, silence dropped, a step down): a JSON event for the client."""
+
+    message: dict
+
+
+@dataclass(frozen=True)
+class SessionEnded:
+    """The last event: the error that ended the session (None when it was closed) and the stream's last bytes."""
+
+    error: str | None
+    data: bytes
+
+
+SessionEvent = VideoStarted | BlockPublished | SessionMessage | SessionEnded
+
+
+@dataclass(frozen=True)
 class SessionOptions:
     image: Path
     prompt: str = "A person is talking."
@@ -527,11 +561,10 @@ class SessionOptions:
 class LiveSession:
     """A live session: runs (on the engine's thread) until closed, publishing each block and its MP4 bytes.
 
-    Viewers `subscribe(callback)`; the callback gets ("init", bytes), then ("block", LiveBlock, bytes)
-    for every block, ("message", dict) for what the session decided (the size it picked, silence dropped,
-    a step down: JSON events for the client), and ("end", error message or None, the stream's last bytes)
-    last; it runs on the engine thread and must not block. `realtime` (a liveavatar.engine.realtime.Realtime)
-    resolves size "auto", offers the sizes to step down to, and records the speeds the session measures.
+    Viewers `subscribe(callback)`; the callback gets a SessionEvent: VideoStarted, then BlockPublished for
+    every block, SessionMessage for what the session decided, and SessionEnded last; it runs on the engine
+    thread and must not block. `realtime` (a liveavatar.engine.realtime.Realtime) resolves size "auto",
+    offers the sizes to step down to, and records the speeds the session measures.
     """
 
     def __init__(self, options: SessionOptions, realtime=None):
@@ -546,7 +579,7 @@ class LiveSession:
         self.messages: deque[dict] = deque(maxlen=MESSAGES_KEPT)
         self.speeds_measured: list[tuple[tuple[str, int], float | None]] = []  # per stream: (size, steps), its FPS
         self._pending_speech: list[tuple[np.ndarray, float]] = []  # pushed before the stream exists, and when
-        self._listeners: list[Callable] = []
+        self._listeners: list[Callable[[SessionEvent], None]] = []
         self._block_start = b""  # bytes since the newest block's keyframe fragment, for viewers joining late
         self._tail = b""
         self._closed = False
@@ -574,19 +607,19 @@ class LiveSession:
         if speech is not None:
             speech.close()
 
-    def subscribe(self, callback: Callable) -> None:
+    def subscribe(self, callback: Callable[[SessionEvent], None]) -> None:
         """Adds a viewer; one joining after the start gets the init segment and the stream from the newest block."""
         with self._lock:
             self._listeners.append(callback)
             if self.init_segment:
-                callback(("init", self.init_segment + self._block_start))
+                callback(VideoStarted(self.init_segment + self._block_start))
 
-    def unsubscribe(self, callback: Callable) -> None:
+    def unsubscribe(self, callback: Callable[[SessionEvent], None]) -> None:
         with self._lock:
             if callback in self._listeners:
                 self._listeners.remove(callback)
 
-    def _publish(self, event: tuple) -> None:
+    def _publish(self, event: SessionEvent) -> None:
         with self._lock:
             listeners = list(self._listeners)
         for callback in listeners:
@@ -594,7 +627,7 @@ class LiveSession:
 
     def _message(self, message: dict) -> None:
         self.messages.append(message)
-        self._publish(("message", message))
+        self._publish(SessionMessage(message))
 
     def status(self) -> dict:
         """Lag, queue, what runs and what the session decided, for a status view."""
@@ -624,7 +657,7 @@ class LiveSession:
             raise
         finally:
             self.close()
-            self._publish(("end", message, self._tail))
+            self._publish(SessionEnded(message, self._tail))
 
     def _initial_rung(self) -> tuple[str, int]:
         o = self.options
@@ -676,7 +709,7 @@ class LiveSession:
                     if pipe.device.type == "cuda":
                         torch.cuda.empty_cache()
             finally:
-                # The last frame and audio still in the muxer end the stream (sent with the "end" event).
+                # The last frame and audio still in the muxer end the stream (sent with SessionEnded).
                 self._tail = muxer.close() if self.init_segment else b""
         finally:
             if pipe.offload_encoders:
@@ -785,24 +818,24 @@ class LiveSession:
             dropped=[list(r) for r in window.dropped], lag_s=round(lag, 3), size=rung[0], sample_steps=rung[1],
             latency_ms=latency, speech_media_s=None if media_s is None else round(max(0.0, media_s), 4),
         )
-        events = []
+        events: list[SessionEvent] = []
         with self._lock:
             if not self.init_segment:
                 length = init_segment_length(data)
                 if length is None:
                     raise RuntimeError("the MP4 muxer wrote no init segment with the first block")
                 self.init_segment, data = data[:length], data[length:]
-                events.append(("init", self.init_segment))
+                events.append(VideoStarted(self.init_segment))
             # Where this block's keyframe fragment starts in `data` (it always lies within it).
             self._block_start = data[max(0, len(data) - (muxer.sink.position - keyframe_at)) :]
             self.blocks_done += 1
             listeners = list(self._listeners)  # taken with _block_start: a viewer gets each block once
-        events.append(("block", info, data))
+        events.append(BlockPublished(info, data))
         if window.dropped_samples:
             message = {"type": "catch_up", "action": "drop_silence", "block": info.index,
                        "dropped_s": round(window.dropped_samples / SAMPLE_RATE, 3), "lag_s": info.lag_s}
             self.messages.append(message)
-            events.append(("message", message))
+            events.append(SessionMessage(message))
         for event in events:
             for callback in listeners:
                 callback(event)

@@ -12,6 +12,7 @@ whatever way, everything in it but the job's video (finished or partial) is dele
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import queue
 import shutil
@@ -33,8 +34,24 @@ from liveavatar.media.video import PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-FINISHED = (DONE, FAILED, CANCELLED)
+
+class TaskState(str, enum.Enum):
+    """Where a task is. A str (as enum.StrEnum, which Python 3.10 lacks): it equals, prints and serialises
+    as its value, "queued", "running", ..., which is what the services' JSON and messages carry."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def finished(self) -> bool:
+        """Whether the task has ended (whatever way): its state changes no more."""
+        return self in (TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED)
 
 
 class QueueFull(LiveAvatarError):
@@ -45,7 +62,7 @@ class QueueFull(LiveAvatarError):
 class Task:
     kind: str  # "job" or "session"
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    state: str = QUEUED
+    state: TaskState = TaskState.QUEUED
     error: str | None = None
     submitted: float = field(default_factory=time.time)
     started: float | None = None
@@ -83,7 +100,7 @@ class JobTask(Task):
         """A queue that receives each Progress, then the JobResult, then None when the task has ended."""
         q: queue.Queue = queue.Queue()
         self._subscribers.append(q)
-        if self.state in FINISHED:
+        if self.state.finished:
             q.put(None)
         return q
 
@@ -173,7 +190,7 @@ class EngineWorker:
             task.cancel_requested.set()
             if task in self._waiting:
                 self._waiting.remove(task)
-                self._finish(task, CANCELLED)
+                self._finish(task, TaskState.CANCELLED)
         if isinstance(task, SessionTask):
             task.session.close()
 
@@ -182,7 +199,7 @@ class EngineWorker:
             self._stopping = True
             for task in list(self._waiting):
                 self._waiting.remove(task)
-                self._finish(task, CANCELLED)
+                self._finish(task, TaskState.CANCELLED)
             running = self.running
             self._lock.notify_all()
         if running is not None:
@@ -190,7 +207,7 @@ class EngineWorker:
         self._thread.join()
 
     # ------------------------------------------------------------------ the engine thread
-    def _finish(self, task: Task, state: str, error: str | None = None) -> None:
+    def _finish(self, task: Task, state: TaskState, error: str | None = None) -> None:
         task.state, task.error, task.finished = state, error, time.time()
         if isinstance(task, JobTask):
             task._send(None)
@@ -211,17 +228,17 @@ class EngineWorker:
                 if self._stopping:
                     return
                 task = self._waiting.popleft()
-                task.state, task.started = RUNNING, time.time()
+                task.state, task.started = TaskState.RUNNING, time.time()
                 self.running = task
-            state, error = DONE, None
+            state, error = TaskState.DONE, None
             try:
                 if not task.run(self.pipe):
-                    state = CANCELLED
+                    state = TaskState.CANCELLED
             except LiveAvatarError as e:
-                state, error = FAILED, str(e)
+                state, error = TaskState.FAILED, str(e)
             except Exception as e:  # one failed request must not stop the engine
                 log.exception("task %s failed", task.id)
-                state, error = FAILED, f"{type(e).__name__}: {e}"
+                state, error = TaskState.FAILED, f"{type(e).__name__}: {e}"
             finally:
                 if self.pipe.device.type == "cuda":
                     torch.cuda.empty_cache()

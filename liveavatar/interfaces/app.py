@@ -21,7 +21,7 @@ import gradio as gr
 from liveavatar import tts
 from liveavatar.engine.job import SAMPLE_RATE, JobResult, JobSpec, Progress, read_speech, synthesize_text
 from liveavatar.engine.multi_person import Speakers
-from liveavatar.engine.worker import CANCELLED, DONE, FINISHED, EngineWorker, JobTask, QueueFull
+from liveavatar.engine.worker import EngineWorker, JobTask, QueueFull, TaskState
 from liveavatar.errors import InputError
 from liveavatar.media import image as image_io
 from liveavatar.media.video import PARTIAL_SUFFIX, FragmentedMP4Writer, open_sound
@@ -157,11 +157,11 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
                 # the newest chunks are kept: a long video does not leave thousands of them behind.
                 (folder / f"block-{item.block.index - 2:06d}.mp4").unlink(missing_ok=True)
                 yield str(chunk), _status(item), None, task.id
-            if task.state == CANCELLED:
+            if task.state == TaskState.CANCELLED:
                 partial = Path(str(spec.output) + PARTIAL_SUFFIX)
                 yield gr.skip(), "Cancelled: the video generated so far can be downloaded.", \
                     str(partial) if partial.exists() else None, None
-            elif task.state != DONE:  # named by the user's file names, not the job folder's
+            elif task.state != TaskState.DONE:  # named by the user's file names, not the job folder's
                 error = task.error
                 for path in sorted(names, key=lambda p: -len(str(p))):  # audio2.wav before audio.wav
                     error = error.replace(str(path), names[path])
@@ -172,7 +172,7 @@ def build_app(worker: EngineWorker, work_dir: Path, default_size: str = "704*384
         finally:
             if sound is not None:
                 sound.close()
-            if task.state not in FINISHED:  # the page went away or the event was cancelled
+            if not task.state.finished:  # the page went away or the event was cancelled
                 worker.cancel(task)
 
     def cancel(task_id):

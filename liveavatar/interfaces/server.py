@@ -43,6 +43,7 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,10 @@ from fastapi.staticfiles import StaticFiles
 from liveavatar import tts
 from liveavatar.engine.job import MAX_SEED, JobResult, JobSpec, check_speakers, synthesize_text
 from liveavatar.engine.multi_person import Speakers
-from liveavatar.engine.live import LAG_BOUND_S, LiveBlock, LiveSession, SessionOptions, SpeechQueueFull, mime_type
+from liveavatar.engine.live import (LAG_BOUND_S, BlockPublished, LiveBlock, LiveSession, SessionEnded, SessionEvent,
+                                   SessionMessage, SessionOptions, SpeechQueueFull, VideoStarted, mime_type)
 from liveavatar.engine.realtime import ON_SLOW, Realtime, SpeedTable, machine_name
-from liveavatar.engine.worker import FINISHED, JobTask, QueueFull, SessionTask, EngineWorker
+from liveavatar.engine.worker import EngineWorker, JobTask, QueueFull, SessionTask, TaskState
 from liveavatar.errors import InputError, LiveAvatarError
 from liveavatar.media import audio as audio_io
 from liveavatar.media import image as image_io
@@ -263,7 +265,7 @@ async def _follow_file(task: JobTask, output: Path):
             except FileNotFoundError:
                 continue
         if handle is None:
-            if task.state in FINISHED:
+            if task.state.finished:
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
     with handle:
@@ -272,11 +274,19 @@ async def _follow_file(task: JobTask, output: Path):
             if chunk:
                 yield chunk
                 continue
-            if task.state in FINISHED:
+            if task.state.finished:
                 while chunk := handle.read(FOLLOW_CHUNK):  # what was written before the end was seen
                     yield chunk
                 return
             await asyncio.sleep(FOLLOW_POLL_S)
+
+
+@dataclass(frozen=True)
+class SpeakerEvent:
+    """What a session's text speaker reports (liveavatar.tts.speaker): a sentence queued, or one it could not
+    synthesise; a JSON event for the client, sent among the session's own."""
+
+    message: dict
 
 
 def _subscribe_async(session: LiveSession) -> tuple[asyncio.Queue, object]:
@@ -284,7 +294,7 @@ def _subscribe_async(session: LiveSession) -> tuple[asyncio.Queue, object]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
-    def deliver(event):
+    def deliver(event: SessionEvent):
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     session.subscribe(deliver)
@@ -406,7 +416,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.get("/jobs/{job_id}/video", response_class=FileResponse)
     def job_video(job_id: str):
         task = job(job_id)
-        if task.state != "done":
+        if task.state != TaskState.DONE:
             hint = f": {task.error}" if task.error else " (its live output is at /jobs/{id}/live)".format(id=job_id)
             raise HTTPException(409, f"job {job_id} is {task.state}{hint}")
         return FileResponse(task.spec.output, media_type="video/mp4", filename=f"liveavatar-{job_id}.mp4")
@@ -414,7 +424,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.get("/jobs/{job_id}/live", response_class=StreamingResponse)
     def job_live(job_id: str):
         task = job(job_id)
-        if task.state in ("failed", "cancelled") and task.progress is None:
+        if task.state in (TaskState.FAILED, TaskState.CANCELLED) and task.progress is None:
             raise HTTPException(409, f"job {job_id} is {task.state} and produced no video" +
                                 (f": {task.error}" if task.error else ""))
         return StreamingResponse(_follow_file(task, task.spec.output), media_type="video/mp4",
@@ -423,7 +433,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.post("/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict:
         task = job(job_id)
-        if task.state in FINISHED:
+        if task.state.finished:
             raise HTTPException(409, f"job {job_id} is already {task.state}")
         worker.cancel(task)
         return _job_view(worker, task)
@@ -515,7 +525,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.get("/sessions/{session_id}/video", response_class=StreamingResponse)
     def session_video(session_id: str):
         task = session_task(session_id)
-        if task.state in FINISHED:
+        if task.state.finished:
             raise HTTPException(409, f"session {session_id} has ended")
 
         async def follow():
@@ -523,12 +533,10 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
             try:
                 while True:
                     event = await events.get()
-                    if event[0] == "init":
-                        yield event[1]
-                    elif event[0] == "block":
-                        yield event[2]
-                    elif event[0] == "end":
-                        yield event[2]
+                    if isinstance(event, (VideoStarted, BlockPublished)):
+                        yield event.data
+                    elif isinstance(event, SessionEnded):
+                        yield event.data
                         return
             finally:
                 task.session.unsubscribe(deliver)
@@ -538,7 +546,7 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
     @app.websocket("/sessions/{session_id}/ws")
     async def session_socket(websocket: WebSocket, session_id: str):
         task = worker.tasks.get(session_id)
-        if not isinstance(task, SessionTask) or task.state in FINISHED or task.connected:
+        if not isinstance(task, SessionTask) or task.state.finished or task.connected:
             await websocket.close(code=4404, reason=f"no open session {session_id} without a client")
             return
         task.connected = True
@@ -551,23 +559,23 @@ def create_app(worker: EngineWorker, work_dir: Path, max_upload_mb: float = 50, 
         engine, voice = session_voices.pop(session_id, (None, None))
         # Text messages are synthesised sentence by sentence on the speaker's thread; its events join the others.
         speaker = TextSpeaker(task.session, engine, voice,
-                              on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, ("speech", event)))
+                              on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, SpeakerEvent(event)))
 
         async def send_events():
             while True:
                 event = await events.get()
-                if event[0] == "init":
-                    await websocket.send_text(json.dumps({"type": "init", "mime": mime_type(event[1])}))
-                    await websocket.send_bytes(event[1])
-                elif event[0] == "block":
-                    await websocket.send_text(_block_json(event[1]))
-                    await websocket.send_bytes(event[2])
-                elif event[0] in ("speech", "message"):  # a sentence of text queued; what the session decided
-                    await websocket.send_text(json.dumps(event[1]))
-                else:
-                    if event[2]:
-                        await websocket.send_bytes(event[2])
-                    await websocket.send_text(json.dumps({"type": "end", "error": event[1]}))
+                if isinstance(event, VideoStarted):
+                    await websocket.send_text(json.dumps({"type": "init", "mime": mime_type(event.data)}))
+                    await websocket.send_bytes(event.data)
+                elif isinstance(event, BlockPublished):
+                    await websocket.send_text(_block_json(event.info))
+                    await websocket.send_bytes(event.data)
+                elif isinstance(event, (SpeakerEvent, SessionMessage)):
+                    await websocket.send_text(json.dumps(event.message))
+                elif isinstance(event, SessionEnded):
+                    if event.data:
+                        await websocket.send_bytes(event.data)
+                    await websocket.send_text(json.dumps({"type": "end", "error": event.error}))
                     return
 
         async def receive_speech():

@@ -31,8 +31,10 @@ def _inputs(seed: int):
     return (torch.randn(1, 16, 3, H, W, generator=gen), torch.randn(1, 25, TINY.dit.audio_dim, 12, generator=gen))
 
 
-def _stream_velocities(dit, rings=None, blocks=6) -> torch.Tensor:
-    """Velocities of `blocks` consecutive block steps (the ring wraps after 4) with fixed random inputs."""
+def _stream_velocities(dit, rings=None, blocks=6, forward=None) -> torch.Tensor:
+    """Velocities of `blocks` consecutive block steps (the ring wraps after 4) with fixed random inputs, through
+    `forward` (default: dit.forward_block)."""
+    forward = forward or dit.forward_block
     c = dit.config
     gen = torch.Generator().manual_seed(1)
     text_kv = dit.text_kv(torch.randn(1, 5, 4096, generator=gen))
@@ -41,7 +43,7 @@ def _stream_velocities(dit, rings=None, blocks=6) -> torch.Tensor:
     out = []
     for k in range(blocks):
         x, audio = _inputs(10 + k)
-        out.append(dit.forward_block(x, 700.0, audio, text_kv, sink, ring, start_frame=3 * k, ref_roll=4 + k))
+        out.append(forward(x, 700.0, audio, text_kv, sink, ring, start_frame=3 * k, ref_roll=4 + k))
     return torch.stack(out)
 
 
@@ -77,8 +79,8 @@ def test_block_step_is_the_forward_block_and_writes_the_ring_in_place(pipe):
     x, audio = _inputs(3)
     start_frame = 21  # block 7: ring slot 9 frames in
     v = dit.forward_block(x, 500.0, audio, text_kv, sink, rings[0], start_frame, ref_roll=9)
-    inputs = dit.block_step_inputs(500.0, 3, (H // 2, W // 2), start_frame, 9, sink)
-    v2 = dit.block_step(x, audio, *inputs, text_kv, sink, rings[1], start_frame * TOKENS_PER_FRAME)
+    inputs = dit.block_step_inputs(x, audio, 500.0, start_frame, 9, sink)
+    v2 = dit.block_step(inputs, text_kv, sink, rings[1], start_frame * TOKENS_PER_FRAME)
     assert torch.equal(v, v2)
     for ring, old, ptr in zip(rings, before, pointers):
         assert ring.keys.data_ptr() == ptr  # written in place: a captured graph would see the same storage
@@ -86,6 +88,64 @@ def test_block_step_is_the_forward_block_and_writes_the_ring_in_place(pipe):
         slot = (start_frame * TOKENS_PER_FRAME) % ring.capacity
         assert changed[:, slot : slot + 3 * TOKENS_PER_FRAME].all() and not changed[:, :slot].any()
     assert torch.equal(rings[0].keys, rings[1].keys)
+
+
+class _ReplayingGraph:
+    """A stand-in for torch.cuda.CUDAGraph on the CPU: capture records the block step's call (its buffers), and
+    replay runs it again on those buffers into the output captured, as the GPU replays the recorded kernels."""
+
+    capturing = None
+
+    def __init__(self):
+        self.call = None
+
+    def replay(self):
+        call, output = self.call
+        output.copy_(call())
+
+
+def test_step_graphs_feed_each_replay_its_inputs_through_the_captured_buffers(pipe, monkeypatch):
+    """StepGraphs' plumbing, with the capture faked on the CPU: once the ring is full, every step copies its
+    inputs into the buffers its (ring, slot) graph was captured with and replays it; the velocities and the ring
+    are those of the eager steps, and the whole and split steps each get a graph per slot."""
+    import contextlib
+
+    dit = copy.deepcopy(pipe.dit)
+    real_block_step = dit.block_step
+
+    def recording_block_step(*args, **kwargs):
+        out = real_block_step(*args, **kwargs)
+        if _ReplayingGraph.capturing is not None:
+            _ReplayingGraph.capturing.call = (lambda: real_block_step(*args, **kwargs), out)
+        return out
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None):
+        _ReplayingGraph.capturing = graph
+        try:
+            yield
+        finally:
+            _ReplayingGraph.capturing = None
+
+    dit.block_step = recording_block_step
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _ReplayingGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    graphs = fastpath.StepGraphs(dit)
+    c = dit.config
+    ring = RingCache.allocate(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype)
+    reference_ring = RingCache.allocate(c.num_layers, 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype)
+    eager = _stream_velocities(dit, [reference_ring], blocks=10)
+    # (A velocity lives in its graph's output buffer until that graph's next replay: kept here, it is copied.)
+    graphed = _stream_velocities(dit, [ring], blocks=10, forward=lambda *a, **k: graphs.forward_block(*a, **k).clone())
+    assert not graphs.error
+    # Blocks 0-3 fill the ring, block 4 runs eagerly once (the warm-up), blocks 5-9 go through graphs: one per
+    # ring slot they write (the ring holds 4 blocks, so block 9 replays block 5's graph).
+    assert sorted(slot for _, slot in graphs.graphs) == sorted({(3 * k * TOKENS_PER_FRAME) % ring.capacity
+                                                                for k in range(5, 10)})
+    assert all(isinstance(g.inputs.x, torch.Tensor) and g.inputs.tokens is None for g in graphs.graphs.values())
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    assert torch.equal(ring.keys, reference_ring.keys) and ring.written == reference_ring.written
 
 
 def test_a_step_split_between_layer_ranges_is_the_whole_step(pipe):

@@ -145,6 +145,27 @@ class FramePacker(nn.Module):
         return torch.cat(tokens, dim=1), torch.cat(mults, dim=0)
 
 
+@dataclass
+class BlockStepInputs:
+    """The tensors one block step reads besides the caches (S2VTransformer.block_step_inputs); a CUDA graph of
+    the step keeps a copy of each as its input buffer (liveavatar.models.fastpath.StepGraphs)."""
+
+    x: torch.Tensor  # noisy latents [B, 16, F, h, w]
+    audio: torch.Tensor  # audio features of the block [actors, layers, C, video frames]
+    e: torch.Tensor  # time embedding (the head's modulation)
+    e0: torch.Tensor  # time projection (the layers' modulation)
+    noisy_rope: torch.Tensor  # RoPE table of the block's tokens
+    sink_rope: torch.Tensor  # RoPE table of the sink's tokens
+    tokens: torch.Tensor | None = None  # the residual stream after earlier layers (a step split between ranks)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors by name (tokens only when there are some)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["tokens"] is None:
+            del out["tokens"]
+        return out
+
+
 class S2VTransformer(nn.Module):
     def __init__(self, config: S2VConfig):
         super().__init__()
@@ -321,36 +342,31 @@ class S2VTransformer(nn.Module):
         num_frames, h, w = x.shape[2:]
         grid = (h // 2, w // 2)
         start = start_frame * grid[0] * grid[1]
-        inputs = self.block_step_inputs(t, num_frames, grid, start_frame, ref_roll, sink)
-        out = self.block_step(x, audio, *inputs, text_kv, sink, ring, start, layers, tokens, mask=mask)
+        inputs = self.block_step_inputs(x, audio, t, start_frame, ref_roll, sink, tokens)
+        out = self.block_step(inputs, text_kv, sink, ring, start, layers, mask)
         ring.written = max(ring.written, start + num_frames * grid[0] * grid[1])
         return out
 
-    def block_step_inputs(
-        self, t: float | torch.Tensor, num_frames: int, grid: tuple[int, int], start_frame: int, ref_roll: int, sink: SinkCache
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The small per-call tensors of a block step, made on the device: time embedding (e, e0) and the RoPE
-        tables of the block's tokens and of the sink (whose reference position rolls with the block)."""
+    def block_step_inputs(self, x: torch.Tensor, audio: torch.Tensor, t: float | torch.Tensor, start_frame: int,
+                          ref_roll: int, sink: SinkCache, tokens: torch.Tensor | None = None) -> BlockStepInputs:
+        """The tensors a block step reads besides the caches, made on the device: the latents, the audio features,
+        the time embedding and the RoPE tables of the block's tokens and of the sink (whose reference position
+        rolls with the block); and the residual stream of a step that continues after earlier layers."""
+        num_frames, h, w = x.shape[2:]
         e, e0 = self.time_embedding_at(self.timestep(t))
-        noisy_rope = rope.rotation_table(self.noisy_rope(start_frame, num_frames, grid), self.rope_dtype)
+        noisy_rope = rope.rotation_table(self.noisy_rope(start_frame, num_frames, (h // 2, w // 2)), self.rope_dtype)
         ref_frame = REF_ROPE_FRAME + max(0, start_frame - REF_ROPE_FRAME + ref_roll)
         sink_rope = rope.rotation_table(torch.cat([self.ref_rope(sink.ref_grid, ref_frame), sink.motion_rope]), self.rope_dtype)
-        return e, e0, noisy_rope, sink_rope
+        return BlockStepInputs(x, audio, e, e0, noisy_rope, sink_rope, tokens)
 
     def block_step(
         self,
-        x: torch.Tensor,
-        audio: torch.Tensor,
-        e: torch.Tensor,
-        e0: torch.Tensor,
-        noisy_rope: torch.Tensor,
-        sink_rope: torch.Tensor,
+        inputs: BlockStepInputs,
         text_kv: list[tuple[torch.Tensor, torch.Tensor]],
         sink: SinkCache,
         ring: RingCache,
         start: int,
         layers: range | None = None,
-        tokens: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The velocity of a block step from its inputs. Besides tensors it depends only on the ring position
@@ -358,10 +374,12 @@ class S2VTransformer(nn.Module):
         in a CUDA graph. Does not update ring.written.
 
         With `layers`, a contiguous part of the depth (the multi-device pipeline splits a step between
-        ranks), the step starts from `tokens`, its residual stream [B, N, D] float32 after the layers before,
-        unless the part starts at layer 0; and it returns the residual stream after the part's last layer
-        instead of the velocity, unless that is the model's last layer. mask: the actors' token weights of a
-        multi-person step (see `forward_block`)."""
+        ranks), the step starts from `inputs.tokens`, its residual stream [B, N, D] float32 after the layers
+        before, unless the part starts at layer 0; and it returns the residual stream after the part's last
+        layer instead of the velocity, unless that is the model's last layer. mask: the actors' token weights
+        of a multi-person step (see `forward_block`)."""
+        x, audio, tokens = inputs.x, inputs.audio, inputs.tokens
+        e, e0, noisy_rope, sink_rope = inputs.e, inputs.e0, inputs.noisy_rope, inputs.sink_rope
         b, _, num_frames, h, w = x.shape
         grid = (h // 2, w // 2)
         end = start + num_frames * grid[0] * grid[1]

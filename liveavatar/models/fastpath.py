@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -27,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from liveavatar.models import rope
 from liveavatar.models import vae as vae_module
 from liveavatar.models.audio_modules import AudioInjector
-from liveavatar.models.dit import S2VTransformer
+from liveavatar.models.dit import BlockStepInputs, S2VTransformer
 from liveavatar.models.layers import TransformerBlock, merge_attention_parts, two_part_attention
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,15 @@ def use_attention(dit: S2VTransformer, name: str) -> None:
     dit.attention_choice = name
 
 
+@dataclass
+class CapturedStep:
+    """A block step captured as a CUDA graph: replaying it reads `inputs` and writes `output`, where they were."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: BlockStepInputs  # the buffers each replay reads (a call's tensors are copied in first)
+    output: torch.Tensor  # the velocity, or the residual stream of a step that continues on another rank
+
+
 class StepGraphs:
     """CUDA graphs of one stream's steady-state block steps.
 
@@ -181,7 +191,7 @@ class StepGraphs:
     def __init__(self, dit: S2VTransformer):
         self.dit = dit
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], CapturedStep] = {}  # by (ring, slot)
         self.warm: set[int] = set()
         self.error: str | None = None  # why capturing failed, after which steps run without graphs
 
@@ -205,29 +215,27 @@ class StepGraphs:
             self.warm.add(id(ring))
             return dit.forward_block(*args, mask=mask)
         num_frames, h, w = x.shape[2:]
-        grid = (h // 2, w // 2)
-        start = start_frame * grid[0] * grid[1]
-        inputs = [x, audio, *dit.block_step_inputs(t, num_frames, grid, start_frame, ref_roll, sink)]
-        if tokens is not None:
-            inputs.append(tokens)
+        tokens_per_frame = (h // 2) * (w // 2)
+        start = start_frame * tokens_per_frame
+        inputs = dit.block_step_inputs(x, audio, t, start_frame, ref_roll, sink, tokens)
         key = (id(ring), start % ring.capacity)
         if key not in self.graphs:
-            static = [i.clone() for i in inputs]
+            static = BlockStepInputs(**{name: value.clone() for name, value in inputs.tensors().items()})
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self.pool):
-                    out = dit.block_step(*static[:6], text_kv, sink, ring, start, layers, *static[6:], mask=mask)
+                    out = dit.block_step(static, text_kv, sink, ring, start, layers, mask)
             except RuntimeError as e:  # a kernel that cannot be captured: keep streaming without graphs
                 self.error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
                 log.warning("CUDA graph capture failed, continuing without graphs: %s", self.error)
                 return dit.forward_block(*args, mask=mask)
-            self.graphs[key] = (graph, static, out)
-        graph, static, out = self.graphs[key]
-        for buffer, value in zip(static, inputs):
-            buffer.copy_(value)
-        graph.replay()
-        ring.written = max(ring.written, start + num_frames * grid[0] * grid[1])
+            self.graphs[key] = CapturedStep(graph, static, out)
+        captured = self.graphs[key]
+        for name, value in inputs.tensors().items():
+            getattr(captured.inputs, name).copy_(value)
+        captured.graph.replay()
+        ring.written = max(ring.written, start + num_frames * tokens_per_frame)
         if layers is not None and layers.stop < len(dit.blocks):
             # A residual stream goes to the next rank; the graph's buffer is rewritten by its next replay.
-            return out.clone()
-        return out
+            return captured.output.clone()
+        return captured.output

@@ -15,6 +15,8 @@ the end of the run):
   identical to the uninterrupted bf16 run); the light decoder: `--decoder taew2_1` in bf16 (`light`: the same
   latents as the bf16 run, its CUDA graph captured) and the decoder alone on the GPU as the engine runs it
   (`light_parity`: float16, channels-last, CUDA-graphed blocks against float32 and the reference's frames);
+  several people (`multi`: case M, `--audio a.wav+b.wav --masks a.png+b.png`, float32 against the original's
+  latents and bf16 on the fast path against float32);
 * services: `liveavatar serve` with one job to the end and a live session pushed for a few blocks (`serve`),
   `liveavatar app` launched and one request through its generate handler (`app`);
 * full: the benchmark runner at full size with random weights for a few blocks: resident bf16 and `--fp8`,
@@ -46,8 +48,10 @@ FP32_TOLERANCE = 1e-4  # max |a-b| / max |b|, the CPU golden tolerance (tests/co
 # Relative rms of the final latents against float32 on the same GPU. On the CPU (benchmarks/accuracy.py, case
 # T, 12 blocks): bf16 1.2 %, FP8 linear layers 2.7 %, FP8 rings on bf16 1.2 %. The bounds leave room for the
 # GPU's own kernels and stop a wrong kernel, a stale cache or NaN.
-RMS_BOUNDS = {"bf16": 0.05, "fp8": 0.08, "offload": 0.05, "offload_fp8": 0.08}
-COMMAND_CHECKS = ("fp32", "bf16", "fp8", "offload", "offload_fp8", "resume", "light", "light_parity")
+RMS_BOUNDS = {"bf16": 0.05, "fp8": 0.08, "offload": 0.05, "offload_fp8": 0.08, "multi": 0.05}
+COMMAND_CHECKS = ("fp32", "bf16", "fp8", "offload", "offload_fp8", "resume", "light", "light_parity", "multi")
+MULTI_CASE = "M"  # two people, two speech tracks, two drawn masks (golden MULTI_PERSON.md)
+MULTI_TOLERANCE = 1e-3  # max rel of the float32 latents through `generate` (the multi-person issue's bound)
 # The light decoder in float16 on the GPU against float32 (max abs on [0, 1] frames; 8.5e-4 measured on the CPU).
 LIGHT_TOLERANCE = 5e-3
 FULL_RUNS = {  # name: (runner arguments, GiB cap or None)
@@ -110,6 +114,12 @@ def pack_data(golden: Path, to: Path) -> None:
         shutil.copy(case / name, to / "case" / name)
     save_file({"latents_final": load_file(str(case / "outputs.safetensors"))["latents_final"].contiguous()},
               str(to / "case" / "latents_final.safetensors"))
+    multi = golden / "cases" / MULTI_CASE
+    (to / "multi").mkdir()
+    for name in ("image.png", "audio.wav", "audio2.wav", "mask_actor1.png", "mask_actor2.png", "prompt.txt"):
+        shutil.copy(multi / name, to / "multi" / name)
+    save_file({"latents_final": load_file(str(multi / "outputs.safetensors"))["latents_final"].contiguous()},
+              str(to / "multi" / "latents_final.safetensors"))
     print(f"packed into {to}")
 
 
@@ -313,6 +323,34 @@ def command_checks(ctx: Context):
             raise Failed(f"float16 GPU frames {f['vs_float32']:.2e} from float32 (max abs) > {LIGHT_TOLERANCE:.0e}")
         return f"float16 + CUDA graph: {f['vs_float32']:.2e} from float32 (CPU), max abs"
 
+    def multi(c: Check) -> str:
+        from safetensors.torch import load_file
+
+        case, folder = ctx.data / "multi", ctx.out / "command"
+        folder.mkdir(exist_ok=True)
+        latents = {}
+        for dtype in ("float32", "bfloat16"):
+            out, lat = folder / f"multi_{dtype}.mp4", folder / f"multi_{dtype}.safetensors"
+            cmd = [sys.executable, "-m", "liveavatar.interfaces.cli", "generate", "--image", str(case / "image.png"),
+                   "--audio", f"{case / 'audio.wav'}+{case / 'audio2.wav'}",
+                   "--masks", f"{case / 'mask_actor1.png'}+{case / 'mask_actor2.png'}",
+                   "--prompt", (case / "prompt.txt").read_text(), "--size", "384*256", "--base_seed", "21",
+                   "--num_clip", "2", "--original_timing", "--ckpt_dir", str(ctx.data / "ckpt"), "--device", "cuda",
+                   "--dtype", dtype, "--save_file", str(out), "--save_latents", str(lat)]
+            _run(cmd, ctx.env, folder / f"multi_{dtype}.log", timeout=900)
+            _check_video(out, 93, (256, 384))
+            latents[dtype] = _latents(lat)
+        ref = load_file(str(case / "latents_final.safetensors"))["latents_final"]
+        mine = latents["float32"].view(16, 2, 12, *ref.shape[-2:]).transpose(0, 1)
+        err = float((mine.double() - ref.double()).abs().max() / ref.double().abs().max())
+        rms = _rel_rms(latents["bfloat16"], latents["float32"])
+        c.figures = {"max_rel_vs_original": err, "bf16_rel_rms_vs_fp32": rms}
+        if not err <= MULTI_TOLERANCE:
+            raise Failed(f"float32 latents of case M differ from the original by {err:.2e} (max rel) > {MULTI_TOLERANCE:.0e}")
+        if not rms <= RMS_BOUNDS["multi"]:
+            raise Failed(f"bf16 case M: {rms:.3%} rms from float32 > {RMS_BOUNDS['multi']:.0%}")
+        return f"two people: float32 vs original {err:.2e} max rel, bf16 {rms:.3%} rms from float32"
+
     return [
         ("fp32", generate("fp32", ["--dtype", "float32"])),
         ("bf16", generate("bf16", ["--dtype", "bfloat16"])),
@@ -322,6 +360,7 @@ def command_checks(ctx: Context):
         ("resume", resume),
         ("light", light),
         ("light_parity", light_parity),
+        ("multi", multi),
     ]
 
 

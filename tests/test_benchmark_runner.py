@@ -116,6 +116,9 @@ def test_smoke_run_packs_what_the_device_needs_and_refuses_a_machine_without_gpu
     from safetensors.torch import load_file
 
     assert list(load_file(str(folder / "case" / "latents_final.safetensors"))["latents_final"].shape) == [3, 16, 12, 32, 48]
+    assert {p.name for p in (folder / "multi").iterdir()} == {"image.png", "audio.wav", "audio2.wav", "prompt.txt",
+                                                              "mask_actor1.png", "mask_actor2.png",
+                                                              "latents_final.safetensors"}
     assert smoke.main(["run", "--data", str(folder), "--out", str(tmp_path / "out")]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
     # The bounds stop a broken kernel but not the precision's own error (CPU accuracy figures: 1.2 % / 2.7 %).

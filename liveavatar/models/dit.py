@@ -369,49 +369,57 @@ class S2VTransformer(nn.Module):
         layers: range | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The velocity of a block step from its inputs. Besides tensors it depends only on the ring position
-        `start` (absolute token offset) and the ring's fill, so that liveavatar.models.fastpath can capture it
-        in a CUDA graph. Does not update ring.written.
+        """The velocity of a block step from its inputs: `embed_noisy`, `run_layers` and `velocity` in turn.
+        Besides tensors it depends only on the ring position `start` (absolute token offset) and the ring's
+        fill, so that it can be captured in a CUDA graph. Does not update ring.written.
 
-        With `layers`, a contiguous part of the depth (the multi-device pipeline splits a step between
-        ranks), the step starts from `inputs.tokens`, its residual stream [B, N, D] float32 after the layers
-        before, unless the part starts at layer 0; and it returns the residual stream after the part's last
-        layer instead of the velocity, unless that is the model's last layer. mask: the actors' token weights
-        of a multi-person step (see `forward_block`)."""
-        x, audio, tokens = inputs.x, inputs.audio, inputs.tokens
-        e, e0, noisy_rope, sink_rope = inputs.e, inputs.e0, inputs.noisy_rope, inputs.sink_rope
-        b, _, num_frames, h, w = x.shape
-        grid = (h // 2, w // 2)
-        end = start + num_frames * grid[0] * grid[1]
+        With `layers`, a contiguous part of the depth, the step starts from `inputs.tokens`, its residual stream
+        [B, N, D] float32 after the layers before, unless the part starts at layer 0; and it returns the residual
+        stream after the part's last layer instead of the velocity, unless that is the model's last layer.
+        mask: the actors' token weights of a multi-person step (see `forward_block`)."""
         num_layers = len(self.blocks)
         layers = range(num_layers) if layers is None else layers
         if not layers or layers.step != 1 or layers.start < 0 or layers.stop > num_layers:
             raise ValueError(f"layers {layers} is not a contiguous part of 0..{num_layers - 1}")
-        if (tokens is None) != (layers.start == 0):
+        if (inputs.tokens is None) != (layers.start == 0):
             raise ValueError("a step that starts at layer 0 embeds x; one that starts later needs its tokens")
-        if tokens is None:
-            tokens = self.embed_noisy(x)
-        time_mod = e0[:, None]
-        audio_global, audio_local = self.audio_tokens(audio, num_frames)
+        tokens = self.embed_noisy(inputs.x) if inputs.tokens is None else inputs.tokens
+        tokens = self.run_layers(tokens, layers, inputs, text_kv, sink, ring, start, mask)
+        if layers.stop < num_layers:
+            return tokens
+        return self.velocity(tokens, inputs)
+
+    def run_layers(self, tokens: torch.Tensor, layers: range, inputs: BlockStepInputs,
+                   text_kv: list[tuple[torch.Tensor, torch.Tensor]], sink: SinkCache, ring: RingCache, start: int,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream [B, N, D] float32 of a block's tokens through `layers`: each attends to the sink and
+        to the ring's history (the block's own keys/values are written into the ring at token offset `start`),
+        then the text, and takes the audio injection where the model has one."""
+        num_frames, h, w = inputs.x.shape[2:]
+        end = start + num_frames * (h // 2) * (w // 2)
+        time_mod = inputs.e0[:, None]
+        audio_global, audio_local = self.audio_tokens(inputs.audio, num_frames)
 
         layer = 0
 
         def attend(q, k, v):
-            k = self.rotate(k, noisy_rope)
+            k = self.rotate(k, inputs.noisy_rope)
             ring.write(layer, start, k, v)
             hist_k, hist_v = ring.valid(layer, end)
-            sink_k = self.rotate(sink.keys[layer], sink_rope)
-            return self.self_attention(self.rotate(q, noisy_rope), hist_k, hist_v, sink_k, sink.values[layer])
+            sink_k = self.rotate(sink.keys[layer], inputs.sink_rope)
+            return self.self_attention(self.rotate(q, inputs.noisy_rope), hist_k, hist_v, sink_k, sink.values[layer])
 
         for layer, block in self.layers(layers):
             tokens = block(tokens, time_mod, attend, text_kv[layer])
             if layer in self.audio_injector.layer_to_injector:
                 tokens = self.audio_injector(layer, tokens, audio_local, audio_global, mask)
-        if layers.stop < num_layers:
-            return tokens
+        return tokens
 
-        out = self.head(tokens, e[:, None])
-        return self.unpatchify(out, num_frames, grid).float()
+    def velocity(self, tokens: torch.Tensor, inputs: BlockStepInputs) -> torch.Tensor:
+        """The head: the residual stream after the last layer -> the velocity [B, 16, F, h, w] float32."""
+        num_frames, h, w = inputs.x.shape[2:]
+        out = self.head(tokens, inputs.e[:, None])
+        return self.unpatchify(out, num_frames, (h // 2, w // 2)).float()
 
     # ------------------------------------------------------------------ plain (non-causal) forward
     @torch.no_grad()

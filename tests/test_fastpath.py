@@ -147,6 +147,24 @@ def test_step_graphs_feed_each_replay_its_inputs_through_the_captured_buffers(pi
     torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
     assert torch.equal(ring.keys, reference_ring.keys) and ring.written == reference_ring.written
 
+    # A step split between two ranks: each part has its own ring and graphs; the first hands on its residual
+    # stream (a copy: the graph's buffer is rewritten by its next replay), which the second's graph reads.
+    gen = torch.Generator().manual_seed(1)  # the inputs of _stream_velocities
+    text_kv = dit.text_kv(torch.randn(1, 5, 4096, generator=gen))
+    sink = dit.prefill_sink(torch.randn(1, 16, 1, H, W, generator=gen), torch.randn(1, 16, 19, H, W, generator=gen), text_kv)
+    parts = (range(3), range(3, c.num_layers))
+    rings = [RingCache.allocate(len(p), 1, 12 * TOKENS_PER_FRAME, c.num_heads, c.head_dim, "cpu", dit.dtype,
+                                first_layer=p.start) for p in parts]
+    split_graphs = [fastpath.StepGraphs(dit) for _ in parts]
+    for k in range(10):
+        x, audio = _inputs(10 + k)
+        args = (700.0, audio, text_kv, sink)
+        tokens = split_graphs[0].forward_block(x, *args, rings[0], 3 * k, 4 + k, layers=parts[0])
+        v = split_graphs[1].forward_block(x, *args, rings[1], 3 * k, 4 + k, layers=parts[1], tokens=tokens)
+        assert torch.equal(v, eager[k]), k
+    assert all(len(g.graphs) == 4 for g in split_graphs)
+    assert all(g.inputs.tokens is not None for g in split_graphs[1].graphs.values())
+
 
 def test_a_step_split_between_layer_ranges_is_the_whole_step(pipe):
     """What the ranks of the multi-device pipeline do with a step they share: the first part returns the

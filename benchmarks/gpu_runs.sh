@@ -2,8 +2,14 @@
 # The GPU measurements of docs/benchmarks.md, one runner process per configuration (each builds its own
 # random 16.3 B-parameter model), raw JSON into $OUT (or ./bench_out). Usage: bash benchmarks/gpu_runs.sh NAME...
 # with NAME among: stages bf16 bf16_compiled fp8_compiled offload24 offload24_fp8 fp8_48 load fp8_light bf16_light
+#
+# A/B against an earlier commit in the same device call (the lent GPUs differ by up to 20 %): check the commit out
+# into an ignored folder of this checkout (`git worktree add .baseline <commit>`, `.baseline` in .git/info/exclude,
+# named in the device call's carry), then
+# `BASELINE=.baseline bash benchmarks/gpu_runs.sh ab:fp8_compiled`: the run there, here, there again and here
+# again, into $OUT/base/NAME*.json and $OUT/NAME*.json (runs 1 and 2).
 set -uo pipefail
-OUT=${OUT:-bench_out}
+OUT=$(realpath -m "${OUT:-bench_out}")
 mkdir -p "$OUT"
 run() {  # name, seconds allowed, command...
   local name=$1 limit=$2
@@ -18,7 +24,15 @@ bench() {  # name, seconds allowed, runner arguments...
   shift 2
   run "$name" "$limit" python3 -m benchmarks.run "$@" --json "$OUT/$name.json"
 }
-for name in "$@"; do
+keep() {  # folder, name, round: the run's files renamed for its round
+  local file
+  for file in "$1/$2.json" "$1/$2.log"; do
+    [[ -f $file ]] && mv "$file" "${file%.*}_$3.${file##*.}"
+  done
+  return 0
+}
+one() {  # a named run
+  local name=$1
   case $name in
     bf16) bench bf16 150 --blocks 12 --steady_from 6 ;;
     bf16_compiled) bench bf16_compiled 140 --compile --profile --blocks 16 --steady_from 9 ;;
@@ -34,4 +48,19 @@ for name in "$@"; do
     load) run load 150 python3 -m benchmarks.load_time --json "$OUT/load.json" ;;
     *) echo "unknown run $name"; exit 2 ;;
   esac
+}
+for name in "$@"; do
+  if [[ $name == ab:* ]]; then
+    name=${name#ab:}
+    [[ -d ${BASELINE:-} ]] || { echo "ab:$name needs BASELINE, a checkout of the commit to compare with"; exit 2; }
+    mkdir -p "$OUT/base"
+    for round in 1 2; do
+      (cd "$BASELINE" && OUT="$OUT/base" one "$name")
+      keep "$OUT/base" "$name" "$round"
+      one "$name"
+      keep "$OUT" "$name" "$round"
+    done
+  else
+    one "$name"
+  fi
 done

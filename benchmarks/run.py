@@ -129,6 +129,10 @@ def main(argv=None) -> dict:
     t_prepare = time.perf_counter()
     cond, result["prepare_ms"] = prepare(pipe, wave, args.size)
     prepare_s = time.perf_counter() - t_prepare
+    t0 = time.perf_counter()  # what a service's next stream of the same image and prompt spends encoding them
+    pipe.encode_reference(cond.reference)
+    pipe.encode_prompt(PROMPT)
+    result["prepare_ms"]["encodings_kept"] = _lap(t0, device)
     # The inputs are encoded. Without --offload the encoders were built on the GPU; they are dropped rather
     # than moved out (the 11 GB text encoder would not leave room for the bf16 rings, and the move to host
     # memory is what --offload measures).
@@ -265,9 +269,7 @@ def prepare(pipe, wave: np.ndarray, size: str):
     ref, motion = pipe.encode_reference(pixels)
     ms["reference_encode"] = _lap(t0, device)
     t0 = time.perf_counter()
-    text = pipe._on_device(pipe.text_encoder)
-    context = text.encode(PROMPT).float()
-    pipe._off_device(text)
+    context = pipe.encode_prompt(PROMPT)
     ms["text_encode"] = _lap(t0, device)
     t0 = time.perf_counter()
     audio_encoder = pipe._on_device(pipe.audio_encoder)

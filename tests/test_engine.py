@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import CKPT, GOLDEN, assert_close, golden_case, golden_params, requires_golden
 from liveavatar.engine import scheduler
-from liveavatar.engine.pipeline import LiveAvatarPipeline
+from liveavatar.engine.pipeline import Encodings, LiveAvatarPipeline
 from liveavatar.engine.stream import StreamSettings
 from liveavatar.media.audio import load_audio
 
@@ -51,6 +51,42 @@ def run_case(pipe, name):
     finally:
         del pipe.dit.forward_block
     return cond, stream, blocks, {(i // 4, i % 4): xv for i, xv in enumerate(calls)}
+
+
+@requires_golden
+def test_a_repeated_image_and_prompt_are_not_encoded_again(pipe, monkeypatch):
+    """A service's next stream of the same avatar and prompt skips the VAE and the text encoder; the encodings
+    are the golden ones, and each caller gets its own copy."""
+    g, p = golden_case("T"), golden_params("T")
+    case_dir = GOLDEN / "cases" / "T"
+    wave, prompt = load_audio(case_dir / "audio.wav"), (case_dir / "prompt.txt").read_text()
+    pipe.encodings = Encodings()
+    calls = []
+    for model in (pipe.vae, pipe.text_encoder):
+        real = model.encode
+        monkeypatch.setattr(model, "encode", lambda *a, real=real, model=model: calls.append(model) or real(*a))
+    first = pipe.prepare(case_dir / "image.png", wave, prompt, size=p["size"])
+    assert len(calls) == 3  # the reference frame, the 73 motion frames, the prompt
+    first.ref_latent.add_(1.0)  # a caller's change reaches neither the kept encoding nor the next caller
+    again = pipe.prepare(case_dir / "image.png", wave, prompt, size=p["size"])
+    assert len(calls) == 3 and pipe.encodings.hits == 2
+    assert_close("ref_latents", again.ref_latent, g["ref_latents"])
+    assert_close("motion_latents", again.motion_latents, g["motion_latents"])
+    assert_close("text_context", again.text_context, g["text_context"])
+    pipe.prepare(case_dir / "image.png", wave, "Another prompt.", size=p["size"])
+    assert calls[3:] == [pipe.text_encoder]
+
+
+def test_encodings_keep_the_most_recently_used():
+    kept = Encodings(kept=2)
+    encodes = []
+
+    def encoder(value):
+        return lambda: encodes.append(value) or (torch.tensor([value]),)
+
+    for key in ("a", "b", "a", "c", "a", "b"):
+        assert kept.get((key,), encoder(ord(key)))[0].item() == ord(key)
+    assert encodes == [ord("a"), ord("b"), ord("c"), ord("b")]  # c pushed b out; a, used last, stayed
 
 
 @pytest.mark.parametrize("name", ["T", "T1"])

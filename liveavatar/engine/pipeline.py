@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +35,8 @@ from liveavatar.models.vae import WanVAE
 from liveavatar.weights.checkpoint import CheckpointLayout
 
 log = logging.getLogger(__name__)
+
+ENCODINGS_KEPT = 8  # reference frames and prompts whose encodings a pipeline keeps (a few MB each)
 
 
 @dataclass
@@ -57,6 +62,32 @@ class Conditioning:
         return None if self.routing is None else self.routing.token_weights(frames)
 
 
+class Encodings:
+    """The encodings of the last few reference frames and prompts. A service streams the same avatar and prompt
+    again and again (a live session restarts at another size, a studio's jobs share a face): those then skip
+    the VAE's 73-frame encode and the text encoder. A kept encoding is what encoding again gives (on a GPU, as far
+    as its kernels repeat themselves); callers get copies, so the kept tensors never change."""
+
+    def __init__(self, kept: int = ENCODINGS_KEPT):
+        self.kept = kept
+        self._items: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, key: tuple, encode: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """The encoding kept under `key`, or encode() kept under it (the least recently used one goes)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                log.debug("%s: encoded before, kept", key[0])
+            else:
+                self._items[key] = encode()
+                while len(self._items) > self.kept:
+                    self._items.popitem(last=False)
+            return tuple(t.clone() for t in self._items[key])
+
+
 class LiveAvatarPipeline:
     def __init__(self, dit: S2VTransformer, vae: WanVAE, text_encoder: TextEncoder, audio_encoder: AudioEncoder,
                  options: RuntimeOptions = RuntimeOptions(), tiny_decoder: TinyDecoder | None = None):
@@ -65,6 +96,7 @@ class LiveAvatarPipeline:
         VAE still encodes the reference; a stream may still ask for the VAE's decoder)."""
         self.dit, self.vae, self.text_encoder, self.audio_encoder = dit, vae, text_encoder, audio_encoder
         self.options = options
+        self.encodings = Encodings()
         self.attention_backend_ms: dict[str, float] = {}  # the fast path's timings of the attention kernels
         # The decoders a stream may use (StreamSettings.decoder), and the one used when it names none.
         self.decoders: dict[str, VideoDecoder] = {"wan": vae}
@@ -144,11 +176,26 @@ class LiveAvatarPipeline:
 
     @torch.no_grad()
     def encode_reference(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ref latent [1,16,1,h,w], motion latents [1,16,19,h,w]) of a uint8 reference frame."""
-        frame = image_io.to_tensor(pixels)[None, :, None].to(self.device)
-        ref = self.vae.encode(frame)
-        motion = self.vae.encode(frame.expand(-1, -1, MOTION_VIDEO_FRAMES, -1, -1))
-        return ref, motion
+        """(ref latent [1,16,1,h,w], motion latents [1,16,19,h,w]) of a uint8 reference frame (kept for the next
+        streams of the same frame: see `Encodings`)."""
+        def encode():
+            frame = image_io.to_tensor(pixels)[None, :, None].to(self.device)
+            return self.vae.encode(frame), self.vae.encode(frame.expand(-1, -1, MOTION_VIDEO_FRAMES, -1, -1))
+
+        key = ("reference", pixels.shape, hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest())
+        return self.encodings.get(key, encode)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """The text encoder's context [L, 4096] float32 of a prompt (kept for the next streams of the same prompt,
+        which then need no text encoder at all: with offload_encoders, not even its trip to the device)."""
+        def encode():
+            text = self._on_device(self.text_encoder)
+            context = text.encode(prompt).float()
+            self._off_device(text)
+            return (context,)
+
+        return self.encodings.get(("prompt", prompt), encode)[0]
 
     def _on_device(self, encoder):
         if self.offload_encoders:
@@ -191,9 +238,7 @@ class LiveAvatarPipeline:
         height, width = image_io.output_size(img.height, img.width, image_io.parse_size(size))
         pixels = image_io.prepare_reference(img, height, width)
         ref, motion = self.encode_reference(pixels)
-        text = self._on_device(self.text_encoder)
-        context = text.encode(prompt).float()
-        self._off_device(text)
+        context = self.encode_prompt(prompt)
         audio_encoder = self._on_device(self.audio_encoder)
         routing = None
         if waves is None:

@@ -52,7 +52,6 @@ from liveavatar.engine.runtime import RuntimeOptions  # noqa: E402
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.media import image as image_io  # noqa: E402
 from liveavatar.parallel.launch import start_pipeline  # noqa: E402
-from liveavatar.parallel.schedule import DECODE_COST  # noqa: E402
 
 SEED = 42
 CONFIGS = {
@@ -81,11 +80,8 @@ class RandomModels:
     def load_vae(self, device: torch.device):
         return build_vae(SCALES[self.scale].vae_dim, device, self.dtype)
 
-    def load_tiny_decoder(self, device: torch.device):
-        return None  # the VAE decodes
-
-    def decode_cost(self) -> float:
-        return DECODE_COST
+    def load_tiny_decoder(self, device: torch.device, choice):
+        return None  # the VAE decodes (the options' default)
 
     def load_encoders(self, device: torch.device):
         return None, None  # the conditioning is made up here, not encoded

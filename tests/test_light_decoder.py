@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("gradio")
 from websockets.sync.client import connect  # noqa: E402
 
+from liveavatar.engine.runtime import RuntimeOptions  # noqa: E402
 from liveavatar.engine.stream import StreamSettings  # noqa: E402
 from liveavatar.engine.worker import EngineWorker  # noqa: E402
 from liveavatar.interfaces import cli  # noqa: E402
@@ -131,7 +132,8 @@ def test_two_processes_decode_with_the_light_decoder_as_one_does(service):
     torch.set_num_threads(1)
     try:
         expected = list(single.stream(cond, StreamSettings(seed=3)).blocks(1))
-        pipe = start_pipeline(CheckpointModels(CKPT, dtype=torch.float32, decoder=DecoderChoice("taew2_1", TAEW)), 2,
+        pipe = start_pipeline(CheckpointModels(CKPT, dtype=torch.float32), 2,
+                              options=RuntimeOptions(decoder=DecoderChoice("taew2_1", TAEW)),
                               device_type="cpu", cpu_threads=1)
         try:
             assert pipe.decoder_name == "taew2_1" and pipe.schedule.decode_cost == LIGHT_DECODE_COST

@@ -85,7 +85,7 @@ class Backend:
         if self.gpus != 1:
             from liveavatar.parallel.launch import CheckpointModels, start_pipeline
 
-            return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype, self.decoder), self.gpus,
+            return start_pipeline(CheckpointModels(self.ckpt_dir, self.lora_file, self.dtype), self.gpus,
                                   sample_steps=self.sample_steps, device_type=self.device, options=self.options,
                                   cpu_threads=max(1, torch.get_num_threads() // self.gpus))
         return LiveAvatarPipeline.from_pretrained(self.ckpt_dir, lora_file=self.lora_file, device=self.device,

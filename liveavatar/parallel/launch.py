@@ -57,12 +57,8 @@ class ModelSource(Protocol):
 
     def load_vae(self, device: torch.device) -> WanVAE: ...
 
-    def load_tiny_decoder(self, device: torch.device) -> TinyDecoder | None:
-        """The light decoder that decodes the streams, or None: the VAE does."""
-        ...
-
-    def decode_cost(self) -> float:
-        """A block's decode in denoising steps to cut the work by until a stream has measured it."""
+    def load_tiny_decoder(self, device: torch.device, choice: DecoderChoice) -> TinyDecoder | None:
+        """The light decoder that decodes the streams when `choice` names it, else None: the VAE does."""
         ...
 
     def load_encoders(self, device: torch.device) -> tuple[TextEncoder | None, AudioEncoder | None]: ...
@@ -75,7 +71,6 @@ class CheckpointModels:
     ckpt_dir: Path
     lora_file: Path | None = None
     dtype: torch.dtype = torch.bfloat16
-    decoder: DecoderChoice = DecoderChoice()  # the streams' decoder: the VAE's, or the light TAEW2.1 one
 
     def _layout(self):
         from liveavatar.weights.checkpoint import CheckpointLayout
@@ -92,17 +87,19 @@ class CheckpointModels:
     def load_vae(self, device: torch.device) -> WanVAE:
         return WanVAE.from_checkpoint(self._layout().vae_file, device=device, dtype=self.dtype)
 
-    def load_tiny_decoder(self, device: torch.device) -> TinyDecoder | None:
-        return self.decoder.load(device, self.dtype)
-
-    def decode_cost(self) -> float:
-        return DECODE_COST if self.decoder.name == "wan" else LIGHT_DECODE_COST
+    def load_tiny_decoder(self, device: torch.device, choice: DecoderChoice) -> TinyDecoder | None:
+        return choice.load(device, self.dtype)
 
     def load_encoders(self, device: torch.device) -> tuple[TextEncoder, AudioEncoder]:
         layout = self._layout()
         text = TextEncoder.from_pretrained(layout.wan_dir, device=device, dtype=self.dtype)
         audio = AudioEncoder.from_pretrained(layout.wav2vec2_dir, device=device, dtype=torch.float32)
         return text, audio
+
+
+def estimated_decode_cost(decoder: DecoderChoice) -> float:
+    """A block's decode in denoising steps, to cut the work by until a stream has measured it."""
+    return DECODE_COST if decoder.name == "wan" else LIGHT_DECODE_COST
 
 
 def start_pipeline(
@@ -120,10 +117,10 @@ def start_pipeline(
     encoders' and the VAE's here; the ranks never stream blocks from host memory). cpu_threads: torch
     threads per rank on the CPU (default: the cores shared out). decode_cost: a block's decode in denoising
     steps, for sharing the work out evenly (liveavatar.parallel.schedule); None (the default) starts from
-    the models' estimate (models.decode_cost()) and cuts again after every stream with the cost measured in it."""
+    the estimate for the decoder the options name and cuts again after every stream with the cost measured in it."""
     try:
         schedule = Schedule(world_size, sample_steps, models.num_layers(),
-                            models.decode_cost() if decode_cost is None else decode_cost)
+                            estimated_decode_cost(options.decoder) if decode_cost is None else decode_cost)
     except ValueError as e:
         raise LiveAvatarError(str(e)) from None
     if device_type == "cuda" and torch.cuda.device_count() < world_size:
@@ -145,7 +142,7 @@ def start_pipeline(
         job_group, host_group = _join(store, schedule, rank, device, op_timeout)
         transformer = RankTransformer(models.load_dit(device), options) if schedule.parts_of(rank) else None
         vae = models.load_vae(device)
-        tiny_decoder = models.load_tiny_decoder(device)
+        tiny_decoder = models.load_tiny_decoder(device, options.decoder)
         apply_to_vae(vae, options)
         text, audio = models.load_encoders(device)
         if options.offload_encoders:

@@ -320,14 +320,13 @@ def check_speakers(spec: JobSpec, height: int, width: int) -> PeopleMasks | None
                          "picture speaks and takes no mask")
     if Path(speakers.audio[0]) != Path(spec.audio):
         raise InputError(f"the first speech track {speakers.audio[0]} is not the job's audio {spec.audio}")
-    img = image_io.load_image(spec.image)
     if speakers.masks is None:
         masks, found = faces_io.automatic_masks(spec.image, tracks)
     else:
         if len(speakers.masks) != tracks:
             raise InputError(f"{len(speakers.masks)} mask(s) for {tracks} speech tracks: give one mask per track, "
                              f"in the same order (a.png+b.png; white = that person)")
-        masks, found = load_masks(speakers.masks, img.size), None
+        masks, found = load_masks(speakers.masks, image_io.load_image(spec.image).size), None
     routing = routing_masks(masks, token_grid(height, width, spec.infer_frames))
     routed = routing.logits[0].sum(dim=0)
     for a in range(tracks):
